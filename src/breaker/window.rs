@@ -1,0 +1,302 @@
+//! Outcome counters and sliding windows, striped per thread.
+//!
+//! Every call on the closed path records an outcome. If all threads wrote one shared counter,
+//! two threads would fight over its cache line and each call would cost several times more.
+//! So each thread writes its own stripe (a cache-line-aligned block), and the rare readers —
+//! rule evaluation after a failure, snapshots — add the stripes up.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use super::config::SlidingWindow;
+
+/// Totals and window counts read from all stripes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+    pub(crate) ignored: u64,
+    pub(crate) rejected: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct WindowCounts {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Stripes {
+    stripes: Box<[Stripe]>,
+    mask: usize,
+    kind: WindowKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum WindowKind {
+    Count { size: u64 },
+    Time { bucket_nanos: u64, buckets: u64 },
+}
+
+/// One thread's counters. Aligned to 128 bytes: adjacent-line prefetch pairs 64-byte lines.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Stripe {
+    /// Non-ignored outcomes recorded here outside the count window. Outcomes that go into the
+    /// count window are counted by `ring_position` alone, so the hot path increments one
+    /// counter, not two.
+    calls: AtomicU64,
+    /// Count window: outcomes ever written into the ring; the next write goes to
+    /// `ring_position % size`.
+    ring_position: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+    ignored: AtomicU64,
+    rejected: AtomicU64,
+    /// `ring_position` when the window was last cleared.
+    window_base: AtomicU64,
+    /// Count window: one failure bit and one slow bit per position, `size` positions.
+    ring_failures: Box<[AtomicU64]>,
+    ring_slow: Box<[AtomicU64]>,
+    /// Time window: one bucket per slice.
+    buckets: Box<[Bucket]>,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Which slice of time (now / bucket length) the counts belong to; `u64::MAX` = none.
+    slice: AtomicU64,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+}
+
+thread_local! {
+    static STRIPE_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+/// This thread's stripe number; threads are dealt stripes round-robin on first use.
+#[inline]
+fn thread_stripe() -> usize {
+    STRIPE_INDEX.with(|cell| {
+        let index = cell.get();
+        if index != usize::MAX {
+            return index;
+        }
+        let index = NEXT_STRIPE.fetch_add(1, Relaxed);
+        cell.set(index);
+        index
+    })
+}
+
+fn stripe_count() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (cpus * 4).next_power_of_two().clamp(4, 64)
+}
+
+impl Stripes {
+    pub(crate) fn new(window: SlidingWindow) -> Self {
+        let kind = match window {
+            SlidingWindow::Count { size } => WindowKind::Count {
+                size: u64::from(size.max(1)),
+            },
+            SlidingWindow::Time { duration, buckets } => {
+                let buckets = u64::from(buckets.max(1));
+                let nanos = super::clock::duration_nanos(duration);
+                WindowKind::Time {
+                    bucket_nanos: (nanos / buckets).max(1),
+                    buckets,
+                }
+            }
+        };
+        let (ring_words, bucket_count) = match kind {
+            WindowKind::Count { size } => (size.div_ceil(64) as usize, 0),
+            WindowKind::Time { buckets, .. } => (0, buckets as usize),
+        };
+        let count = stripe_count();
+        let stripes = (0..count)
+            .map(|_| Stripe {
+                calls: AtomicU64::new(0),
+                ring_position: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                slow: AtomicU64::new(0),
+                ignored: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                window_base: AtomicU64::new(0),
+                ring_failures: (0..ring_words).map(|_| AtomicU64::new(0)).collect(),
+                ring_slow: (0..ring_words).map(|_| AtomicU64::new(0)).collect(),
+                buckets: (0..bucket_count)
+                    .map(|_| Bucket {
+                        slice: AtomicU64::new(u64::MAX),
+                        ..Bucket::default()
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self {
+            stripes,
+            mask: count - 1,
+            kind,
+        }
+    }
+
+    /// Whether recording needs the time (the time window does; the count window does not).
+    #[inline]
+    pub(crate) fn needs_time(&self) -> bool {
+        matches!(self.kind, WindowKind::Time { .. })
+    }
+
+    #[inline]
+    fn mine(&self) -> &Stripe {
+        &self.stripes[thread_stripe() & self.mask]
+    }
+
+    /// Records a success or a failure; `now` is only read for the time window.
+    #[inline]
+    pub(crate) fn record(&self, failed: bool, slow: bool, now: u64, in_window: bool) {
+        let stripe = self.mine();
+        if failed {
+            stripe.failures.fetch_add(1, Relaxed);
+        }
+        if slow {
+            stripe.slow.fetch_add(1, Relaxed);
+        }
+        if !in_window {
+            stripe.calls.fetch_add(1, Relaxed);
+            return;
+        }
+        match self.kind {
+            WindowKind::Count { size } => {
+                let slot = stripe.ring_position.fetch_add(1, Relaxed) % size;
+                let word = (slot / 64) as usize;
+                let bit = 1u64 << (slot % 64);
+                set_bit(&stripe.ring_failures[word], bit, failed);
+                set_bit(&stripe.ring_slow[word], bit, slow);
+            }
+            WindowKind::Time {
+                bucket_nanos,
+                buckets,
+            } => {
+                stripe.calls.fetch_add(1, Relaxed);
+                let slice = now / bucket_nanos;
+                let bucket = &stripe.buckets[(slice % buckets) as usize];
+                if bucket.slice.load(Relaxed) != slice {
+                    // First call of a new slice here: the counts belong to a slice that has
+                    // left the window. Whoever wins the swap clears them.
+                    let old = bucket.slice.load(Relaxed);
+                    if old != slice
+                        && bucket
+                            .slice
+                            .compare_exchange(old, slice, Relaxed, Relaxed)
+                            .is_ok()
+                    {
+                        bucket.calls.store(0, Relaxed);
+                        bucket.failures.store(0, Relaxed);
+                        bucket.slow.store(0, Relaxed);
+                    }
+                }
+                bucket.calls.fetch_add(1, Relaxed);
+                if failed {
+                    bucket.failures.fetch_add(1, Relaxed);
+                }
+                if slow {
+                    bucket.slow.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn record_ignored(&self) {
+        self.mine().ignored.fetch_add(1, Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn record_rejected(&self) {
+        self.mine().rejected.fetch_add(1, Relaxed);
+    }
+
+    /// Empties the window (totals are kept). Called when the breaker closes.
+    pub(crate) fn clear_window(&self) {
+        for stripe in self.stripes.iter() {
+            stripe
+                .window_base
+                .store(stripe.ring_position.load(Relaxed), Relaxed);
+            for word in stripe.ring_failures.iter().chain(stripe.ring_slow.iter()) {
+                word.store(0, Relaxed);
+            }
+            for bucket in stripe.buckets.iter() {
+                bucket.slice.store(u64::MAX, Relaxed);
+            }
+        }
+    }
+
+    /// Calls, failures and slow calls in the window as of `now`.
+    pub(crate) fn window(&self, now: u64) -> WindowCounts {
+        let mut counts = WindowCounts::default();
+        for stripe in self.stripes.iter() {
+            match self.kind {
+                WindowKind::Count { size } => {
+                    let recorded = stripe
+                        .ring_position
+                        .load(Relaxed)
+                        .saturating_sub(stripe.window_base.load(Relaxed));
+                    counts.calls += recorded.min(size);
+                    counts.failures += popcount(&stripe.ring_failures);
+                    counts.slow += popcount(&stripe.ring_slow);
+                }
+                WindowKind::Time {
+                    bucket_nanos,
+                    buckets,
+                } => {
+                    let current = now / bucket_nanos;
+                    for bucket in stripe.buckets.iter() {
+                        let slice = bucket.slice.load(Relaxed);
+                        if slice <= current && current - slice < buckets {
+                            counts.calls += bucket.calls.load(Relaxed);
+                            counts.failures += bucket.failures.load(Relaxed);
+                            counts.slow += bucket.slow.load(Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    pub(crate) fn totals(&self) -> Totals {
+        let mut totals = Totals::default();
+        for stripe in self.stripes.iter() {
+            totals.calls += stripe.calls.load(Relaxed) + stripe.ring_position.load(Relaxed);
+            totals.failures += stripe.failures.load(Relaxed);
+            totals.slow += stripe.slow.load(Relaxed);
+            totals.ignored += stripe.ignored.load(Relaxed);
+            totals.rejected += stripe.rejected.load(Relaxed);
+        }
+        totals
+    }
+}
+
+/// Sets or clears `bit`, writing only when it changes: on a healthy path every bit is already
+/// clear and the word is only read.
+#[inline]
+fn set_bit(word: &AtomicU64, bit: u64, value: bool) {
+    let current = word.load(Relaxed);
+    if (current & bit != 0) != value {
+        if value {
+            word.fetch_or(bit, Relaxed);
+        } else {
+            word.fetch_and(!bit, Relaxed);
+        }
+    }
+}
+
+fn popcount(words: &[AtomicU64]) -> u64 {
+    words
+        .iter()
+        .map(|word| u64::from(word.load(Relaxed).count_ones()))
+        .sum()
+}
