@@ -1,0 +1,172 @@
+//! Configuration: presets, validation that lists every problem, serde round trips, snapshots.
+
+mod support;
+
+use protected_pool::breaker::{
+    BreakerConfig, CircuitBreaker, OpenDuration, Outcome, SlidingWindow, State,
+};
+use support::{Rig, consecutive, ms, secs};
+
+#[test]
+fn presets_match_the_design_and_validate() {
+    let read = BreakerConfig::read();
+    let write = BreakerConfig::write();
+    let auth = BreakerConfig::auth();
+    for (config, failures, base, max, successes, window) in [
+        (&read, 3, 3, 15, 2, 30),
+        (&write, 5, 10, 60, 3, 60),
+        (&auth, 10, 5, 30, 2, 30),
+    ] {
+        config.validate().unwrap();
+        assert_eq!(config.consecutive_failures, Some(failures));
+        assert_eq!((config.open.base, config.open.max), (secs(base), secs(max)));
+        assert_eq!(config.success_threshold, successes);
+        assert_eq!(
+            config.window,
+            SlidingWindow::Time {
+                duration: secs(window),
+                buckets: 10
+            }
+        );
+    }
+    assert_eq!(BreakerConfig::default(), write);
+}
+
+#[test]
+fn validation_lists_every_problem_with_its_path() {
+    let config = BreakerConfig {
+        consecutive_failures: Some(0),
+        failure_rate: Some(1.5),
+        slow_call_rate: Some(-0.1),
+        minimum_calls: 0,
+        window: SlidingWindow::Count { size: 0 },
+        open: OpenDuration {
+            base: secs(10),
+            multiplier: 0.5,
+            max: secs(5),
+            jitter: 1.0,
+        },
+        half_open_max_calls: 0,
+        success_threshold: 0,
+        ..BreakerConfig::default()
+    };
+    let error = config.validate().unwrap_err();
+    let paths: Vec<&str> = error.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "consecutive_failures",
+            "failure_rate",
+            "slow_call_rate",
+            "window.size",
+            "minimum_calls",
+            "open.multiplier",
+            "open.max",
+            "open.jitter",
+            "half_open_max_calls",
+            "success_threshold",
+        ]
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("failure_rate: 1.5 is outside 0..=1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("open.max: 5s is below open.base 10s"),
+        "{text}"
+    );
+    assert!(CircuitBreaker::new("bad", config).is_err());
+}
+
+#[test]
+fn validation_prefixes_paths_for_nested_configs() {
+    let config = BreakerConfig {
+        failure_rate: Some(2.0),
+        ..BreakerConfig::write()
+    };
+    let mut problems = Vec::new();
+    config.validate_into("breakers.write", &mut problems);
+    assert_eq!(
+        problems[0].to_string(),
+        "breakers.write.failure_rate: 2 is outside 0..=1 (and must be above 0)"
+    );
+}
+
+#[test]
+fn a_breaker_with_no_rule_is_rejected() {
+    let config = BreakerConfig {
+        consecutive_failures: None,
+        failure_rate: None,
+        slow_call_rate: None,
+        ..BreakerConfig::default()
+    };
+    let error = config.validate().unwrap_err();
+    assert!(error.to_string().contains("no trip rule is enabled"));
+}
+
+#[test]
+fn config_reads_from_human_friendly_json_and_round_trips() {
+    let json = r#"{
+        "consecutive_failures": 4,
+        "failure_rate": 0.3,
+        "window": { "kind": "count", "size": 50 },
+        "minimum_calls": 10,
+        "open": { "base": "2s", "multiplier": 3.0, "max": "1m", "jitter": 0.2 },
+        "max_wait_in_half_open": "500ms"
+    }"#;
+    let config: BreakerConfig = serde_json::from_str(json).unwrap();
+    assert_eq!(config.consecutive_failures, Some(4));
+    assert_eq!(config.open.max, secs(60));
+    assert_eq!(config.max_wait_in_half_open, ms(500));
+    assert_eq!(
+        config.success_threshold,
+        BreakerConfig::write().success_threshold
+    );
+    config.validate().unwrap();
+    let again: BreakerConfig =
+        serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+    assert_eq!(again, config);
+
+    let typo = serde_json::from_str::<BreakerConfig>(r#"{ "failure_rat": 0.5 }"#).unwrap_err();
+    assert!(typo.to_string().contains("failure_rat"), "{typo}");
+}
+
+#[test]
+fn snapshot_reports_counts_rates_times_and_serializes() {
+    let rig = Rig::new(BreakerConfig {
+        failure_rate: Some(0.9),
+        window: SlidingWindow::Count { size: 10 },
+        minimum_calls: 10,
+        ..consecutive(3)
+    });
+    rig.succeed(3);
+    rig.advance(secs(2));
+    rig.fail(1);
+    rig.call(Outcome::Ignored);
+    let snapshot = rig.breaker.snapshot();
+    assert_eq!(snapshot.state, State::Closed);
+    assert_eq!((snapshot.window_calls, snapshot.window_failures), (4, 1));
+    assert!((snapshot.failure_rate - 0.25).abs() < 1e-9);
+    assert_eq!(snapshot.consecutive_failures, 1);
+    assert_eq!(snapshot.total_calls, 5);
+    assert_eq!(snapshot.total_successes, 3);
+    assert_eq!(snapshot.total_ignored, 1);
+    assert!(snapshot.last_failure_at.is_some());
+    assert_eq!(snapshot.opened_at, None);
+    assert_eq!(snapshot.time_in_state, secs(2));
+
+    rig.fail(2);
+    rig.advance(ms(250));
+    let open = rig.breaker.snapshot();
+    assert_eq!(open.state, State::Open);
+    assert_eq!(open.opens, 1);
+    assert_eq!(open.time_in_state, ms(250));
+    assert_eq!(open.retry_after, Some(ms(750)));
+    assert_eq!(open.opened_at, open.last_failure_at);
+
+    let json = serde_json::to_value(&open).unwrap();
+    assert_eq!(json["state"], "open");
+    assert_eq!(json["opens"], 1);
+    assert_eq!(json["retry_after"], "750ms");
+}
