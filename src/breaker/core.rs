@@ -28,8 +28,8 @@ struct Rules {
     consecutive_failures: u32,
     failure_rate: Option<f64>,
     slow_call_rate: Option<f64>,
-    /// `u64::MAX` when the slow-call rule is off: then no call is slow.
-    slow_nanos: u64,
+    /// `None` when the slow-call rule is off: then no call is slow.
+    slow_call: Option<Duration>,
     /// Whether any rate rule is on, i.e. whether the window is kept at all.
     rate_rules: bool,
     count_window: bool,
@@ -42,10 +42,7 @@ impl Rules {
             consecutive_failures: config.consecutive_failures.unwrap_or(u32::MAX),
             failure_rate: config.failure_rate,
             slow_call_rate: config.slow_call_rate,
-            slow_nanos: match config.slow_call_rate {
-                Some(_) => duration_nanos(config.slow_call_duration),
-                None => u64::MAX,
-            },
+            slow_call: config.slow_call_rate.map(|_| config.slow_call_duration),
             rate_rules: config.failure_rate.is_some() || config.slow_call_rate.is_some(),
             count_window: matches!(config.window, SlidingWindow::Count { .. }),
             minimum_calls: u64::from(config.minimum_calls),
@@ -148,7 +145,7 @@ impl Inner {
 
     /// Whether outcomes need an elapsed time (the slow-call rule is on).
     pub(crate) fn times_calls(&self) -> bool {
-        self.rules.slow_nanos != u64::MAX
+        self.rules.slow_call.is_some()
     }
 
     pub(crate) fn state(&self) -> State {
@@ -159,7 +156,7 @@ impl Inner {
         self.control().config.clone()
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn try_acquire(&self) -> Result<Permit<'_>, Rejected> {
         let word = self.word.load(Ordering::Acquire);
         match word & STATE_MASK {
@@ -257,8 +254,31 @@ impl Inner {
     }
 
     /// Outcome of a closed or disabled permit.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn record_normal(&self, word: u64, outcome: Outcome, elapsed: Duration) {
+        // The common case, small enough to inline into the caller: a fast success while the
+        // breaker is still in the permit's state, with no failure streak to reset and nothing
+        // in the window that a success could tip over a threshold.
+        if outcome == Outcome::Success
+            && self.rules.slow_call.is_none_or(|limit| elapsed < limit)
+            && self.word.load(Ordering::Acquire) == word
+            && self.consecutive.load(Ordering::Relaxed) == 0
+            && !self.window_dirty.load(Ordering::Relaxed)
+        {
+            let in_window = self.rules.rate_rules;
+            let now = if in_window && self.stripes.needs_time() {
+                self.clock.now_nanos()
+            } else {
+                0
+            };
+            self.stripes.record(false, false, now, in_window);
+            return;
+        }
+        self.record_normal_slow(word, outcome, elapsed);
+    }
+
+    #[inline(never)]
+    fn record_normal_slow(&self, word: u64, outcome: Outcome, elapsed: Duration) {
         let failed = match outcome {
             Outcome::Success => false,
             Outcome::Failure => true,
@@ -268,7 +288,7 @@ impl Inner {
             }
         };
         let rules = &self.rules;
-        let slow = duration_nanos(elapsed) >= rules.slow_nanos;
+        let slow = rules.slow_call.is_some_and(|limit| elapsed >= limit);
         // A permit from an earlier state or generation only feeds the totals: the window and
         // the failure streak belong to the state that is current now.
         let live = self.word.load(Ordering::Acquire) == word;
@@ -380,7 +400,7 @@ impl Inner {
     /// Outcome of a half-open trial.
     #[cold]
     pub(crate) fn record_trial(&self, word: u64, ticket: u64, outcome: Outcome, elapsed: Duration) {
-        let slow = duration_nanos(elapsed) >= self.rules.slow_nanos;
+        let slow = self.rules.slow_call.is_some_and(|limit| elapsed >= limit);
         let now = self.clock.now_nanos();
         match outcome {
             Outcome::Ignored => self.stripes.record_ignored(),

@@ -77,7 +77,7 @@ impl CircuitBreaker {
 
     /// Asks to make a call. Closed (or disabled): a permit at the cost of one atomic load.
     /// Open: a rejection saying when to retry. Half-open: a trial permit while a slot is free.
-    #[inline]
+    #[inline(always)]
     pub fn try_acquire(&self) -> Result<Permit<'_>, Rejected> {
         self.inner.try_acquire()
     }

@@ -56,7 +56,7 @@ impl<'a> Permit<'a> {
     }
 
     /// Records how the call went and how long it took.
-    #[inline]
+    #[inline(always)]
     pub fn record(self, outcome: Outcome, elapsed: Duration) {
         let this = std::mem::ManuallyDrop::new(self);
         if this.ticket == 0 {

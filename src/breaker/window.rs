@@ -36,8 +36,16 @@ pub(crate) struct Stripes {
 
 #[derive(Debug, Clone, Copy)]
 enum WindowKind {
-    Count { size: u64 },
-    Time { bucket_nanos: u64, buckets: u64 },
+    Count {
+        size: u64,
+    },
+    /// `slots` is `buckets` rounded up to a power of two, so a slice finds its slot with a
+    /// mask; the window still covers the last `buckets` slices.
+    Time {
+        bucket_nanos: u64,
+        buckets: u64,
+        slots: u64,
+    },
 }
 
 /// One thread's counters. Aligned to 128 bytes: adjacent-line prefetch pairs 64-byte lines.
@@ -48,9 +56,14 @@ struct Stripe {
     /// count window are counted by `ring_position` alone, so the hot path increments one
     /// counter, not two.
     calls: AtomicU64,
-    /// Count window: outcomes ever written into the ring; the next write goes to
-    /// `ring_position % size`.
+    /// Count window: outcomes ever written into the ring.
     ring_position: AtomicU64,
+    /// Count window: the slot the next outcome goes to, wrapping at `size` (kept apart from
+    /// `ring_position` so the hot path needs no division).
+    ring_cursor: AtomicU64,
+    /// Time window: the time slice this stripe last wrote to, so the hot path only divides
+    /// when a new slice begins.
+    current_slice: AtomicU64,
     failures: AtomicU64,
     slow: AtomicU64,
     ignored: AtomicU64,
@@ -109,18 +122,21 @@ impl Stripes {
                 WindowKind::Time {
                     bucket_nanos: (nanos / buckets).max(1),
                     buckets,
+                    slots: buckets.next_power_of_two(),
                 }
             }
         };
         let (ring_words, bucket_count) = match kind {
             WindowKind::Count { size } => (size.div_ceil(64) as usize, 0),
-            WindowKind::Time { buckets, .. } => (0, buckets as usize),
+            WindowKind::Time { slots, .. } => (0, slots as usize),
         };
         let count = stripe_count();
         let stripes = (0..count)
             .map(|_| Stripe {
                 calls: AtomicU64::new(0),
                 ring_position: AtomicU64::new(0),
+                ring_cursor: AtomicU64::new(0),
+                current_slice: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 slow: AtomicU64::new(0),
                 ignored: AtomicU64::new(0),
@@ -155,7 +171,7 @@ impl Stripes {
     }
 
     /// Records a success or a failure; `now` is only read for the time window.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn record(&self, failed: bool, slow: bool, now: u64, in_window: bool) {
         let stripe = self.mine();
         if failed {
@@ -170,7 +186,14 @@ impl Stripes {
         }
         match self.kind {
             WindowKind::Count { size } => {
-                let slot = stripe.ring_position.fetch_add(1, Relaxed) % size;
+                stripe.ring_position.fetch_add(1, Relaxed);
+                // Written by this stripe's thread only (save a collision of threads on one
+                // stripe, where a slot may be written twice): a plain load and store suffice.
+                let slot = stripe.ring_cursor.load(Relaxed);
+                let next = slot + 1;
+                stripe
+                    .ring_cursor
+                    .store(if next >= size { 0 } else { next }, Relaxed);
                 let word = (slot / 64) as usize;
                 let bit = 1u64 << (slot % 64);
                 set_bit(&stripe.ring_failures[word], bit, failed);
@@ -178,11 +201,17 @@ impl Stripes {
             }
             WindowKind::Time {
                 bucket_nanos,
-                buckets,
+                slots,
+                ..
             } => {
                 stripe.calls.fetch_add(1, Relaxed);
-                let slice = now / bucket_nanos;
-                let bucket = &stripe.buckets[(slice % buckets) as usize];
+                let mut slice = stripe.current_slice.load(Relaxed);
+                let start = slice.wrapping_mul(bucket_nanos);
+                if now.wrapping_sub(start) >= bucket_nanos {
+                    slice = now / bucket_nanos;
+                    stripe.current_slice.store(slice, Relaxed);
+                }
+                let bucket = &stripe.buckets[(slice & (slots - 1)) as usize];
                 if bucket.slice.load(Relaxed) != slice {
                     // First call of a new slice here: the counts belong to a slice that has
                     // left the window. Whoever wins the swap clears them.
@@ -251,6 +280,7 @@ impl Stripes {
                 WindowKind::Time {
                     bucket_nanos,
                     buckets,
+                    ..
                 } => {
                     let current = now / bucket_nanos;
                     for bucket in stripe.buckets.iter() {
