@@ -1,0 +1,96 @@
+//! The deadpool manager: opens sqlx connections and decides which may be handed out again.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use sqlx::{ConnectOptions, Connection};
+
+use super::EndpointOptions;
+use crate::backend::Backend;
+
+/// A pooled connection and what the pool needs to know about it.
+pub(crate) struct PooledConnection<DB: Backend> {
+    pub(crate) raw: DB::Connection,
+    /// A statement is in flight. If the connection comes back still busy, its caller was
+    /// cancelled mid-statement and the protocol state is unknown: it is closed, not reused.
+    pub(crate) busy: bool,
+    /// It saw a connection-class error.
+    pub(crate) broken: bool,
+    expires_at: Option<Instant>,
+}
+
+pub(crate) struct ConnectionManager<DB: Backend> {
+    options: <DB::Connection as Connection>::Options,
+    connect_timeout: Duration,
+    max_lifetime: Option<Duration>,
+    max_lifetime_jitter: f64,
+    idle_check_after: Duration,
+}
+
+impl<DB: Backend> ConnectionManager<DB> {
+    pub(crate) fn new(
+        options: <DB::Connection as Connection>::Options,
+        settings: &EndpointOptions,
+    ) -> Self {
+        Self {
+            options,
+            connect_timeout: settings.connect_timeout,
+            max_lifetime: settings.max_lifetime,
+            max_lifetime_jitter: settings.max_lifetime_jitter,
+            idle_check_after: settings.idle_check_after,
+        }
+    }
+
+    fn lifetime(&self) -> Option<Duration> {
+        self.max_lifetime
+            .map(|max| max.mul_f64(1.0 - self.max_lifetime_jitter * fastrand::f64()))
+    }
+}
+
+impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
+    type Type = PooledConnection<DB>;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        // Our own timeout, so a server that accepts TCP but never answers fails with a
+        // timeout after connect_timeout, and a refused connection fails at once with its cause.
+        let raw = match tokio::time::timeout(self.connect_timeout, self.options.connect()).await {
+            Ok(connection) => connection?,
+            Err(_) => {
+                return Err(sqlx::Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                )));
+            }
+        };
+        Ok(PooledConnection {
+            raw,
+            busy: false,
+            broken: false,
+            expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
+        })
+    }
+
+    async fn recycle(
+        &self,
+        connection: &mut Self::Type,
+        metrics: &Metrics,
+    ) -> RecycleResult<Self::Error> {
+        if connection.busy {
+            return Err(RecycleError::message(
+                "cancelled in the middle of a statement",
+            ));
+        }
+        if connection.broken {
+            return Err(RecycleError::message("saw a connection error"));
+        }
+        if connection.expires_at.is_some_and(|at| Instant::now() >= at) {
+            return Err(RecycleError::message("reached its max lifetime"));
+        }
+        if metrics.last_used() >= self.idle_check_after {
+            connection.raw.ping().await.map_err(RecycleError::Backend)?;
+        }
+        Ok(())
+    }
+}

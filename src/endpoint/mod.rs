@@ -1,0 +1,116 @@
+//! One endpoint: a database server, its connection pool and its breaker per route.
+
+mod manager;
+mod options;
+
+use std::fmt;
+use std::sync::Arc;
+
+use deadpool::Runtime;
+use deadpool::managed::{Object, Pool, PoolError, Timeouts};
+use serde::{Deserialize, Serialize};
+
+pub use options::EndpointOptions;
+
+use crate::backend::Backend;
+use crate::breaker::CircuitBreaker;
+use crate::route::Route;
+pub(crate) use manager::ConnectionManager;
+
+/// What an endpoint is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Takes writes and, by default, reads.
+    Primary,
+    /// A read-only copy.
+    Replica,
+}
+
+/// Connection counts of one endpoint's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// Most connections allowed.
+    pub max_size: usize,
+    /// Connections open now.
+    pub size: usize,
+    /// Open connections not in use.
+    pub idle: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
+pub(crate) type Connection<DB> = Object<ConnectionManager<DB>>;
+
+pub(crate) struct Endpoint<DB: Backend> {
+    pub(crate) name: Arc<str>,
+    pub(crate) role: Role,
+    pool: Pool<ConnectionManager<DB>>,
+    breakers: [CircuitBreaker; 3],
+}
+
+impl<DB: Backend> fmt::Debug for Endpoint<DB> {
+    // Deliberately not the connect options: they hold the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("pool", &self.status())
+            .finish()
+    }
+}
+
+impl<DB: Backend> Endpoint<DB> {
+    pub(crate) fn new(
+        name: Arc<str>,
+        role: Role,
+        manager: ConnectionManager<DB>,
+        options: &EndpointOptions,
+        breakers: [CircuitBreaker; 3],
+    ) -> Self {
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections)
+            .timeouts(Timeouts {
+                wait: Some(options.wait_timeout),
+                create: None,
+                recycle: Some(options.connect_timeout),
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
+            .expect("a runtime is set, so building the pool cannot fail");
+        Self {
+            name,
+            role,
+            pool,
+            breakers,
+        }
+    }
+
+    pub(crate) fn breaker(&self, route: Route) -> &CircuitBreaker {
+        &self.breakers[route.index()]
+    }
+
+    pub(crate) async fn get(&self) -> Result<Connection<DB>, PoolError<sqlx::Error>> {
+        self.pool.get().await
+    }
+
+    /// Closes a connection instead of returning it to the pool.
+    pub(crate) fn discard(connection: Connection<DB>) {
+        drop(Object::take(connection));
+    }
+
+    pub(crate) fn status(&self) -> PoolStatus {
+        let status = self.pool.status();
+        PoolStatus {
+            max_size: status.max_size,
+            size: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.pool.close();
+    }
+}
