@@ -15,7 +15,7 @@ pub use options::EndpointOptions;
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
 use crate::route::Route;
-pub(crate) use manager::ConnectionManager;
+pub(crate) use manager::{ConnectionManager, PooledConnection};
 
 /// What an endpoint is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

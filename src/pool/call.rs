@@ -10,7 +10,7 @@ use super::PoolInner;
 use crate::backend::Backend;
 use crate::breaker::Outcome;
 use crate::classify::ErrorClass;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Connection, Endpoint};
 use crate::error::{Error, Result};
 use crate::route::Route;
 
@@ -38,12 +38,13 @@ impl<DB: Backend> PoolInner<DB> {
         // Set once a connection is in hand: from then on the statement may reach the server.
         let sent = AtomicBool::new(false);
         let attempt = async {
-            let mut connection = endpoint.get().await?;
+            let mut checkout = Checkout(Some(endpoint.get().await?));
+            let connection = checkout.connection();
             sent.store(true, Ordering::Relaxed);
             connection.busy = true;
             let result = operation(&mut connection.raw).await;
             connection.busy = false;
-            Ok::<_, PoolError<sqlx::Error>>((connection, result))
+            Ok::<_, PoolError<sqlx::Error>>((checkout, result))
         };
         let finished = tokio::time::timeout(timeout, attempt).await;
         let elapsed = started.elapsed();
@@ -63,13 +64,10 @@ impl<DB: Backend> PoolInner<DB> {
                 permit.record(Outcome::Success, elapsed);
                 return Ok(value);
             }
-            Ok(Ok((mut connection, Err(error)))) => {
+            Ok(Ok((mut checkout, Err(error)))) => {
                 let class = self.classify(&error, route);
-                if class == ErrorClass::Connection {
-                    // Never hand a dead connection out again.
-                    connection.broken = true;
-                    Endpoint::discard(connection);
-                }
+                // Never hand a dead connection out again.
+                checkout.connection().broken = class == ErrorClass::Connection;
                 (class, error)
             }
             Ok(Err(pool_error)) => match pool_error {
@@ -120,5 +118,26 @@ fn outcome_for(class: ErrorClass, route: Route) -> Outcome {
         Outcome::Success
     } else {
         Outcome::Ignored
+    }
+}
+
+/// A checked-out connection that goes back to the pool only in a known state: if its caller
+/// was cancelled mid-statement (still busy) or it saw a connection error, it is closed at
+/// once, so the pool's count drops immediately and the slot can open a fresh connection.
+struct Checkout<DB: Backend>(Option<Connection<DB>>);
+
+impl<DB: Backend> Checkout<DB> {
+    fn connection(&mut self) -> &mut crate::endpoint::PooledConnection<DB> {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl<DB: Backend> Drop for Checkout<DB> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            if connection.busy || connection.broken {
+                Endpoint::discard(connection);
+            }
+        }
     }
 }
