@@ -10,7 +10,10 @@
 //! - `two_threads`: `closed_success` with two OS threads calling one shared breaker at once.
 //!   The figure is the wall time for both threads to make `iters` calls each, divided by
 //!   `iters` (criterion divides), i.e. time per call per thread, comparable to the one-thread
-//!   figure: perfect scaling gives the same number as `closed_success`.
+//!   figure: perfect scaling gives the same number as `closed_success`. The control
+//!   `protected-pool/count-unshared` gives each thread its own breaker: the gap between it
+//!   and the one-thread figure is the machine, the gap between it and the shared figure is
+//!   contention.
 //!
 //! Contenders:
 //! - `bare`: an `#[inline(never)]` function returning `Ok(black_box(x))`, no breaker.
@@ -253,8 +256,17 @@ fn open_rejection(c: &mut Criterion) {
 /// Runs `call` `iters` times on each of two OS threads started together; returns the wall time
 /// from the first thread's start to the last thread's end (thread spawn and join excluded).
 fn on_two_threads<R>(iters: u64, call: impl Fn(u64) -> R + Sync) -> Duration {
+    on_two_threads_each(iters, &call, &call)
+}
+
+/// As [`on_two_threads`], with a different call on each thread.
+fn on_two_threads_each<R>(
+    iters: u64,
+    call_a: &(impl Fn(u64) -> R + Sync),
+    call_b: &(impl Fn(u64) -> R + Sync),
+) -> Duration {
     let barrier = Barrier::new(2);
-    let run = || {
+    let run = |call: &dyn Fn(u64) -> R| {
         barrier.wait();
         let start = Instant::now();
         for i in 0..iters {
@@ -263,8 +275,8 @@ fn on_two_threads<R>(iters: u64, call: impl Fn(u64) -> R + Sync) -> Duration {
         (start, Instant::now())
     };
     let ((start_a, end_a), (start_b, end_b)) = std::thread::scope(|scope| {
-        let a = scope.spawn(run);
-        let b = scope.spawn(run);
+        let a = scope.spawn(|| run(call_a));
+        let b = scope.spawn(|| run(call_b));
         (
             a.join().expect("bench thread panicked"),
             b.join().expect("bench thread panicked"),
@@ -285,6 +297,17 @@ fn two_threads(c: &mut Criterion) {
         b.iter_custom(|iters| on_two_threads(iters, |x| pp_call(&count, || bare(x))))
     });
     pp_assert_closed(&count);
+
+    // Control: the same work with a breaker per thread, so nothing is shared. What this costs
+    // over the one-thread figure is the machine running two threads at once, not contention.
+    let (own_a, own_b) = (pp_count(), pp_count());
+    group.bench_function("protected-pool/count-unshared", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads_each(iters, &|x| pp_call(&own_a, || bare(x)), &|x| {
+                pp_call(&own_b, || bare(x))
+            })
+        })
+    });
 
     let fs = failsafe_breaker();
     group.bench_function("failsafe", |b| {
