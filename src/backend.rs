@@ -1,5 +1,8 @@
 //! The databases the pool speaks to: what differs between PostgreSQL and SQLite.
 
+use std::future::Future;
+use std::time::Duration;
+
 use sqlx::{Database, Executor, Postgres, Sqlite};
 
 use crate::classify::{self, ErrorClass};
@@ -24,6 +27,13 @@ pub trait Backend: Database + sealed::Sealed {
     #[doc(hidden)]
     fn classify_code(code: &str) -> ErrorClass;
 
+    /// How far this server's data is behind its primary; `None` for a server that is not a
+    /// replica or a database without replication.
+    #[doc(hidden)]
+    fn replication_lag(
+        connection: &mut Self::Connection,
+    ) -> impl Future<Output = Result<Option<Duration>, sqlx::Error>> + Send;
+
     /// The class of any sqlx error from this database.
     fn classify(error: &sqlx::Error) -> ErrorClass {
         classify::classify_sqlx(error, Self::classify_code)
@@ -40,6 +50,51 @@ impl Backend for Postgres {
     fn classify_code(code: &str) -> ErrorClass {
         classify::postgres_sqlstate(code)
     }
+
+    fn classify(error: &sqlx::Error) -> ErrorClass {
+        let class = classify::classify_sqlx(error, Self::classify_code);
+        // A FATAL or PANIC error ends the session whatever its code says (an idle timeout,
+        // for one): the connection is gone, so it must be treated as lost, not reused.
+        let session_ended = match error {
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }),
+            _ => false,
+        };
+        if session_ended
+            && matches!(
+                class,
+                ErrorClass::Query | ErrorClass::Transient | ErrorClass::Unknown
+            )
+        {
+            ErrorClass::Connection
+        } else {
+            class
+        }
+    }
+
+    async fn replication_lag(
+        connection: &mut Self::Connection,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        // Caught up (everything received is replayed) means no lag, however old the last
+        // replayed transaction is: an idle primary sends nothing new.
+        let lag: Option<f64> = sqlx::query_scalar(
+            "SELECT CASE
+                 WHEN NOT pg_is_in_recovery() THEN NULL
+                 WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
+                     THEN 0
+                 ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)
+             END::float8",
+        )
+        .fetch_one(&mut *connection)
+        .await?;
+        Ok(lag.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
+    }
 }
 
 impl Backend for Sqlite {
@@ -51,5 +106,11 @@ impl Backend for Sqlite {
 
     fn classify_code(code: &str) -> ErrorClass {
         classify::sqlite_result_code(code)
+    }
+
+    async fn replication_lag(
+        _connection: &mut Self::Connection,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        Ok(None)
     }
 }

@@ -17,7 +17,8 @@ use crate::route::Route;
 #[non_exhaustive]
 pub enum ErrorClass {
     /// The connection failed or the server went away: I/O, TLS, protocol errors, SQLSTATE
-    /// class `08`, `57P01`-`57P03`; SQLite `CANTOPEN`, `IOERR`, `NOTADB`.
+    /// class `08`, `57P01`-`57P05`, `25P03` (idle-in-transaction timeout), any other error the
+    /// server raised as FATAL (it ends the session); SQLite `CANTOPEN`, `IOERR`, `NOTADB`.
     Connection,
     /// Our operation or connect timeout elapsed, or the server cancelled the statement
     /// (`57014`, statement_timeout); SQLite `INTERRUPT`.
@@ -131,7 +132,7 @@ fn classify_io(error: &io::Error) -> ErrorClass {
 /// PostgreSQL, by SQLSTATE.
 pub(crate) fn postgres_sqlstate(code: &str) -> ErrorClass {
     match code {
-        "57P01" | "57P02" | "57P03" => ErrorClass::Connection,
+        "57P01" | "57P02" | "57P03" | "57P04" | "57P05" | "25P03" => ErrorClass::Connection,
         "57014" => ErrorClass::Timeout,
         "25006" => ErrorClass::ReadOnly,
         "28000" | "28P01" | "3D000" => ErrorClass::Auth,

@@ -58,6 +58,24 @@ pub enum Error {
         /// The statement may have reached the server.
         outcome_unknown: bool,
     },
+    /// A replica was passed over because its replication lag is above `max_replica_lag`.
+    #[error("endpoint {endpoint} skipped: replication lag {lag:?} is above {max:?}")]
+    ReplicaLagging {
+        /// The replica.
+        endpoint: Arc<str>,
+        /// Its lag as last measured.
+        lag: Duration,
+        /// The configured limit.
+        max: Duration,
+    },
+    /// Every endpoint the call could use failed or refused; each attempt says why.
+    #[error("{route} call failed on every endpoint: {}", Attempts(attempts))]
+    AllEndpointsFailed {
+        /// The route.
+        route: Route,
+        /// What happened on each endpoint, in the order tried.
+        attempts: Vec<Attempt>,
+    },
     /// The pool was closed.
     #[error("the pool is closed")]
     Closed,
@@ -69,45 +87,90 @@ pub enum Error {
     Config(#[from] ConfigError),
 }
 
+/// One endpoint's part in a call that failed everywhere.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Attempt {
+    /// The endpoint.
+    pub endpoint: Arc<str>,
+    /// Why it could not serve the call.
+    pub error: Error,
+}
+
+struct Attempts<'a>(&'a [Attempt]);
+
+impl std::fmt::Display for Attempts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, attempt) in self.0.iter().enumerate() {
+            let separator = if index == 0 { "" } else { "; " };
+            write!(f, "{separator}[{}] {}", attempt.endpoint, attempt.error)?;
+        }
+        Ok(())
+    }
+}
+
 impl Error {
     /// The route of the failed call.
     pub fn route(&self) -> Option<Route> {
         match self {
             Self::CircuitOpen { route, .. }
             | Self::Database { route, .. }
-            | Self::Timeout { route, .. } => Some(*route),
+            | Self::Timeout { route, .. }
+            | Self::AllEndpointsFailed { route, .. } => Some(*route),
             _ => None,
         }
     }
 
-    /// The endpoint that failed or refused.
+    /// The endpoint that failed or refused (the last one tried, when several were).
     pub fn endpoint(&self) -> Option<&str> {
         match self {
             Self::CircuitOpen { endpoint, .. }
             | Self::Database { endpoint, .. }
-            | Self::Timeout { endpoint, .. } => Some(endpoint),
+            | Self::Timeout { endpoint, .. }
+            | Self::ReplicaLagging { endpoint, .. } => Some(endpoint),
+            Self::AllEndpointsFailed { attempts, .. } => {
+                attempts.last().map(|attempt| &*attempt.endpoint)
+            }
             _ => None,
         }
     }
 
-    /// The failure's class; `None` for a refusal, a closed pool or bad configuration.
+    /// The failure's class (the last endpoint's, when several were tried); `None` for a
+    /// refusal, a skipped replica, a closed pool or bad configuration.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
             Self::Database { class, .. } => Some(*class),
             Self::Timeout { .. } => Some(ErrorClass::Timeout),
+            Self::AllEndpointsFailed { attempts, .. } => attempts
+                .iter()
+                .rev()
+                .find_map(|attempt| attempt.error.class()),
             _ => None,
         }
     }
 
-    /// Whether a breaker refused the call.
+    /// Whether the call was refused by breakers without reaching any database.
     pub fn is_circuit_open(&self) -> bool {
-        matches!(self, Self::CircuitOpen { .. })
+        match self {
+            Self::CircuitOpen { .. } => true,
+            Self::AllEndpointsFailed { attempts, .. } => attempts.iter().all(|attempt| {
+                matches!(
+                    attempt.error,
+                    Self::CircuitOpen { .. } | Self::ReplicaLagging { .. }
+                )
+            }),
+            _ => false,
+        }
     }
 
-    /// When a refused call may be retried.
+    /// When a refused call may be retried (the soonest, when several breakers refused).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::CircuitOpen { rejected, .. } => rejected.retry_after,
+            Self::AllEndpointsFailed { attempts, .. } => attempts
+                .iter()
+                .filter_map(|attempt| attempt.error.retry_after())
+                .min(),
             _ => None,
         }
     }
@@ -115,22 +178,36 @@ impl Error {
     /// Whether the statement may have run although the call failed (timeout or connection lost
     /// after it was sent). A write with an unknown outcome is never replayed by the pool.
     pub fn is_outcome_unknown(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::Database {
-                outcome_unknown: true,
-                ..
-            } | Self::Timeout {
-                outcome_unknown: true,
-                ..
+                outcome_unknown, ..
             }
-        )
+            | Self::Timeout {
+                outcome_unknown, ..
+            } => *outcome_unknown,
+            Self::AllEndpointsFailed { attempts, .. } => attempts
+                .iter()
+                .any(|attempt| attempt.error.is_outcome_unknown()),
+            _ => false,
+        }
     }
 
-    /// The driver's error, for SQLSTATE codes and constraint names.
+    /// The attempts of a call that failed on every endpoint; empty otherwise.
+    pub fn attempts(&self) -> &[Attempt] {
+        match self {
+            Self::AllEndpointsFailed { attempts, .. } => attempts,
+            _ => &[],
+        }
+    }
+
+    /// The driver's error, for SQLSTATE codes and constraint names (the last endpoint's).
     pub fn as_sqlx(&self) -> Option<&sqlx::Error> {
         match self {
             Self::Database { source, .. } => Some(source),
+            Self::AllEndpointsFailed { attempts, .. } => attempts
+                .iter()
+                .rev()
+                .find_map(|attempt| attempt.error.as_sqlx()),
             _ => None,
         }
     }

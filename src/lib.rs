@@ -9,11 +9,13 @@ mod endpoint;
 mod error;
 mod pool;
 mod route;
+mod router;
 
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use endpoint::{EndpointOptions, PoolStatus, Role};
-pub use error::{Error, Result};
-pub use pool::{PoolBuilder, PoolStateChange, ProtectedPool, RoutableQuery, Routed};
+pub use error::{Attempt, Error, Result};
+pub use pool::{PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture, RoutableQuery, Routed};
 pub use route::{Route, RouteConfig};
+pub use router::{ReadPreference, ReplicaSelection};
 pub use sqlx::{Postgres, Sqlite};

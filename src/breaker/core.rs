@@ -148,6 +148,22 @@ impl Inner {
         self.rules.slow_call.is_some()
     }
 
+    /// How long until the breaker admits a trial call: zero when half-open (or open past its
+    /// duration), `None` when it is closed, disabled or forced open.
+    pub(crate) fn time_until_trial(&self) -> Option<Duration> {
+        let word = self.word.load(Ordering::Acquire);
+        match unpack_state(word) {
+            State::Open => {
+                let until = self.open_until.load(Ordering::Acquire);
+                Some(Duration::from_nanos(
+                    until.saturating_sub(self.clock.now_nanos()),
+                ))
+            }
+            State::HalfOpen => Some(Duration::ZERO),
+            State::Closed | State::Disabled | State::ForcedOpen => None,
+        }
+    }
+
     pub(crate) fn state(&self) -> State {
         unpack_state(self.word.load(Ordering::Acquire))
     }

@@ -113,6 +113,13 @@ impl CircuitBreaker {
         self.inner.state()
     }
 
+    /// How long until a trial call would be admitted: `Some(ZERO)` when half-open or when the
+    /// open duration has passed, the remaining open time while open, `None` when closed,
+    /// disabled or forced open. Recovery probes sleep on this.
+    pub fn time_until_trial(&self) -> Option<Duration> {
+        self.inner.time_until_trial()
+    }
+
     /// The breaker's name.
     pub fn name(&self) -> &str {
         &self.inner.name

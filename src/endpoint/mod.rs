@@ -5,6 +5,8 @@ mod options;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use deadpool::Runtime;
 use deadpool::managed::{Object, Pool, PoolError, Timeouts};
@@ -48,6 +50,20 @@ pub(crate) struct Endpoint<DB: Backend> {
     pub(crate) role: Role,
     pool: Pool<ConnectionManager<DB>>,
     breakers: [CircuitBreaker; 3],
+    /// Calls using this endpoint right now, for least-outstanding replica choice.
+    outstanding: AtomicUsize,
+    /// Replication lag in ms as last measured; `u64::MAX` when unknown (not a replica, not
+    /// measured yet, or the last measurement failed).
+    lag_ms: AtomicU64,
+}
+
+/// Counts a call as outstanding on an endpoint while it lives.
+pub(crate) struct Outstanding<'e>(&'e AtomicUsize);
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl<DB: Backend> fmt::Debug for Endpoint<DB> {
@@ -57,6 +73,7 @@ impl<DB: Backend> fmt::Debug for Endpoint<DB> {
             .field("name", &self.name)
             .field("role", &self.role)
             .field("pool", &self.status())
+            .field("lag", &self.lag())
             .finish()
     }
 }
@@ -84,11 +101,41 @@ impl<DB: Backend> Endpoint<DB> {
             role,
             pool,
             breakers,
+            outstanding: AtomicUsize::new(0),
+            lag_ms: AtomicU64::new(u64::MAX),
         }
+    }
+
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn start_call(&self) -> Outstanding<'_> {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Outstanding(&self.outstanding)
+    }
+
+    /// Replication lag as last measured by the health probe.
+    pub(crate) fn lag(&self) -> Option<Duration> {
+        match self.lag_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub(crate) fn set_lag(&self, lag: Option<Duration>) {
+        let ms = lag.map_or(u64::MAX, |lag| {
+            u64::try_from(lag.as_millis()).unwrap_or(u64::MAX - 1)
+        });
+        self.lag_ms.store(ms, Ordering::Relaxed);
     }
 
     pub(crate) fn breaker(&self, route: Route) -> &CircuitBreaker {
         &self.breakers[route.index()]
+    }
+
+    pub(crate) fn breakers(&self) -> impl Iterator<Item = (Route, &CircuitBreaker)> {
+        Route::ALL.into_iter().zip(self.breakers.iter())
     }
 
     pub(crate) async fn get(&self) -> Result<Connection<DB>, PoolError<sqlx::Error>> {

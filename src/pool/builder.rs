@@ -9,6 +9,7 @@ use std::time::Duration;
 use sqlx::Connection;
 
 use super::events::{PoolListener, PoolListeners, PoolStateChange};
+use super::probe::Probes;
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
@@ -16,6 +17,7 @@ use crate::classify::{Classifier, ErrorClass};
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
 use crate::route::{Route, RouteConfig};
+use crate::router::{ReadPreference, ReplicaSelection, Router};
 
 type ConnectOptionsOf<DB> = <<DB as sqlx::Database>::Connection as Connection>::Options;
 
@@ -34,8 +36,14 @@ struct EndpointSpec<DB: Backend> {
 #[must_use]
 pub struct PoolBuilder<DB: Backend> {
     primary: Option<EndpointSpec<DB>>,
+    replicas: Vec<EndpointSpec<DB>>,
     options: EndpointOptions,
     routes: [RouteConfig; 3],
+    read_preference: ReadPreference,
+    replica_selection: ReplicaSelection,
+    max_replica_lag: Option<Duration>,
+    health_check_interval: Duration,
+    probes: bool,
     classifier: Option<Classifier>,
     listeners: Vec<PoolListener>,
     _database: PhantomData<DB>,
@@ -46,6 +54,14 @@ impl<DB: Backend> fmt::Debug for PoolBuilder<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolBuilder")
             .field("primary", &self.primary.as_ref().map(|spec| &spec.name))
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|spec| &spec.name)
+                    .collect::<Vec<_>>(),
+            )
             .field("options", &self.options)
             .field("routes", &self.routes)
             .finish_non_exhaustive()
@@ -56,8 +72,14 @@ impl<DB: Backend> PoolBuilder<DB> {
     pub(crate) fn new() -> Self {
         Self {
             primary: None,
+            replicas: Vec::new(),
             options: EndpointOptions::default(),
             routes: Route::ALL.map(RouteConfig::for_route),
+            read_preference: ReadPreference::default(),
+            replica_selection: ReplicaSelection::default(),
+            max_replica_lag: Some(Duration::from_secs(10)),
+            health_check_interval: Duration::from_secs(1),
+            probes: true,
             classifier: None,
             listeners: Vec::new(),
             _database: PhantomData,
@@ -85,6 +107,63 @@ impl<DB: Backend> PoolBuilder<DB> {
             name: name.into(),
             target: Target::Options(Box::new(options)),
         });
+        self
+    }
+
+    /// A read replica, named `replica-N` (N counting from 1 in the order added).
+    pub fn replica(self, url: impl Into<String>) -> Self {
+        let name = format!("replica-{}", self.replicas.len() + 1);
+        self.replica_named(name, url)
+    }
+
+    /// A read replica under a name of your choosing.
+    pub fn replica_named(mut self, name: impl Into<String>, url: impl Into<String>) -> Self {
+        self.replicas.push(EndpointSpec {
+            name: name.into(),
+            target: Target::Url(url.into()),
+        });
+        self
+    }
+
+    /// A read replica from sqlx connect options.
+    pub fn replica_with(mut self, name: impl Into<String>, options: ConnectOptionsOf<DB>) -> Self {
+        self.replicas.push(EndpointSpec {
+            name: name.into(),
+            target: Target::Options(Box::new(options)),
+        });
+        self
+    }
+
+    /// Where reads go (default: the primary, replicas as fallback).
+    pub fn read_preference(mut self, preference: ReadPreference) -> Self {
+        self.read_preference = preference;
+        self
+    }
+
+    /// How reads choose among replicas (default: fewest calls in flight).
+    pub fn replica_selection(mut self, selection: ReplicaSelection) -> Self {
+        self.replica_selection = selection;
+        self
+    }
+
+    /// Replicas lagging more than this behind the primary are skipped (default 10 s; `None`
+    /// never skips for lag).
+    pub fn max_replica_lag(mut self, max: Option<Duration>) -> Self {
+        self.max_replica_lag = max;
+        self
+    }
+
+    /// How often replica lag is measured, and the longest a recovery probe task sleeps
+    /// (default 1 s).
+    pub fn health_check_interval(mut self, interval: Duration) -> Self {
+        self.health_check_interval = interval;
+        self
+    }
+
+    /// Whether background probes close recovered breakers and measure replica lag (default
+    /// on). Without them a breaker waits for a user call to try it.
+    pub fn recovery_probes(mut self, enabled: bool) -> Self {
+        self.probes = enabled;
         self
     }
 
@@ -130,7 +209,8 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
-    /// Builds the pool without opening a connection: the first call connects.
+    /// Builds the pool without opening a connection: the first call connects. Recovery
+    /// probes start now when called inside a tokio runtime, else with the first call.
     pub fn build(self) -> Result<ProtectedPool<DB>> {
         let mut problems = Vec::new();
         let primary = match &self.primary {
@@ -143,6 +223,24 @@ impl<DB: Backend> PoolBuilder<DB> {
             }
             Some(spec) => connect_options::<DB>(spec, "primary", &mut problems),
         };
+        let replicas: Vec<_> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                connect_options::<DB>(spec, &format!("replicas[{index}]"), &mut problems)
+            })
+            .collect();
+        let mut names: Vec<&str> = self.primary.iter().map(|spec| spec.name.as_str()).collect();
+        for (index, spec) in self.replicas.iter().enumerate() {
+            if names.contains(&spec.name.as_str()) {
+                problems.push(ConfigProblem::new(
+                    format!("replicas[{index}].name"),
+                    format!("{:?} is already the name of another endpoint", spec.name),
+                ));
+            }
+            names.push(&spec.name);
+        }
         self.options.validate_into("endpoint", &mut problems);
         for route in Route::ALL {
             let config = &self.routes[route.index()];
@@ -157,41 +255,53 @@ impl<DB: Backend> PoolBuilder<DB> {
                 ));
             }
         }
-        let (Some(primary_options), true) = (primary, problems.is_empty()) else {
+        if self.health_check_interval.is_zero() {
+            problems.push(ConfigProblem::new(
+                "health_check_interval",
+                "0s must be above zero",
+            ));
+        }
+        if !problems.is_empty() {
             return Err(ConfigError::new(problems).into());
-        };
-        let spec = self.primary.expect("validated above");
+        }
         let listeners = Arc::new(PoolListeners::default());
         for listener in self.listeners {
             listeners.add(listener);
         }
-        let name: Arc<str> = spec.name.into();
-        let breakers = Route::ALL.map(|route| {
-            let breaker = CircuitBreaker::new(
-                format!("{name}/{route}"),
-                self.routes[route.index()].breaker.clone(),
-            )
-            .expect("validated above");
-            let (sink, endpoint) = (listeners.clone(), name.clone());
-            breaker.on_state_change(move |change| {
-                sink.emit(&PoolStateChange {
-                    route,
-                    endpoint: endpoint.clone(),
-                    change: change.clone(),
+        let specs = self.primary.into_iter().chain(self.replicas);
+        let options = std::iter::once(primary)
+            .chain(replicas)
+            .map(|options| options.expect("validated above"));
+        let endpoints: Vec<Endpoint<DB>> = specs
+            .zip(options)
+            .enumerate()
+            .map(|(index, (spec, connect))| {
+                let role = if index == 0 {
+                    Role::Primary
+                } else {
+                    Role::Replica
+                };
+                let name: Arc<str> = spec.name.into();
+                let breakers = Route::ALL.map(|route| {
+                    route_breaker(&name, route, &self.routes[route.index()], &listeners)
                 });
-            });
-            breaker
+                let manager = ConnectionManager::<DB>::new(connect, &self.options);
+                Endpoint::new(name, role, manager, &self.options, breakers)
+            })
+            .collect();
+        let inner = Arc::new_cyclic(|me| PoolInner {
+            me: me.clone(),
+            endpoints,
+            router: Router::new(self.read_preference, self.replica_selection),
+            routes: self.routes,
+            max_replica_lag: self.max_replica_lag,
+            health_check_interval: self.health_check_interval,
+            probes: Probes::new(self.probes),
+            classifier: self.classifier,
+            listeners,
         });
-        let manager = ConnectionManager::<DB>::new(primary_options, &self.options);
-        let primary = Endpoint::new(name, Role::Primary, manager, &self.options, breakers);
-        Ok(ProtectedPool {
-            inner: Arc::new(PoolInner {
-                primary,
-                routes: self.routes,
-                classifier: self.classifier,
-                listeners,
-            }),
-        })
+        inner.start_probes();
+        Ok(ProtectedPool { inner })
     }
 
     /// Builds the pool and checks that the primary answers, so a wrong password or an
@@ -203,6 +313,26 @@ impl<DB: Backend> PoolBuilder<DB> {
             .await?;
         Ok(pool)
     }
+}
+
+/// The breaker of `route` on the endpoint `name`, reporting to the pool's listeners.
+fn route_breaker(
+    name: &Arc<str>,
+    route: Route,
+    config: &RouteConfig,
+    listeners: &Arc<PoolListeners>,
+) -> CircuitBreaker {
+    let breaker = CircuitBreaker::new(format!("{name}/{route}"), config.breaker.clone())
+        .expect("validated above");
+    let (sink, endpoint) = (listeners.clone(), name.clone());
+    breaker.on_state_change(move |change| {
+        sink.emit(&PoolStateChange {
+            route,
+            endpoint: endpoint.clone(),
+            change: change.clone(),
+        });
+    });
+    breaker
 }
 
 fn connect_options<DB: Backend>(

@@ -1,107 +1,238 @@
-//! One protected call: breaker permit, connection, statement under the route's timeout,
-//! classification, outcome.
+//! One protected call: pick endpoints, take a breaker permit and a connection on each in turn,
+//! run the statement under the route's deadline, classify, record, fail over when allowed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use deadpool::managed::{PoolError, TimeoutType};
+use tokio::time::timeout_at;
 
 use super::PoolInner;
 use crate::backend::Backend;
-use crate::breaker::Outcome;
+use crate::breaker::{Outcome, Permit};
 use crate::classify::ErrorClass;
-use crate::endpoint::{Connection, Endpoint};
-use crate::error::{Error, Result};
+use crate::endpoint::{Connection, Endpoint, Outstanding, PooledConnection, Role};
+use crate::error::{Attempt, Error, Result};
 use crate::route::Route;
 
+/// A connection on one endpoint with the breaker's permission to use it.
+struct Lease<'a, DB: Backend> {
+    endpoint: &'a Endpoint<DB>,
+    permit: Permit<'a>,
+    checkout: Checkout<DB>,
+    started: Instant,
+    _outstanding: Outstanding<'a>,
+}
+
+/// What a failed attempt allows next.
+enum Next {
+    /// Nothing reached the database: another endpoint may serve the call.
+    TryAnother,
+    /// Stop here and report.
+    Stop,
+}
+
 impl<DB: Backend> PoolInner<DB> {
-    /// Runs `operation` on a connection of the primary, on `route`.
+    /// Runs `operation` once. Endpoints are tried in order until one hands out a connection;
+    /// once the operation has started it is not repeated elsewhere.
     ///
     /// Cancel-safe: if the returned future is dropped, the breaker permit is released without
     /// an outcome and a connection caught mid-statement is closed rather than reused.
-    pub(crate) async fn run<T, F>(&self, route: Route, operation: F) -> Result<T>
+    pub(crate) async fn run_once<T, F>(&self, route: Route, operation: F) -> Result<T>
     where
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
-        let endpoint = &self.primary;
-        let permit =
-            endpoint
-                .breaker(route)
-                .try_acquire()
-                .map_err(|rejected| Error::CircuitOpen {
-                    route,
-                    endpoint: endpoint.name.clone(),
-                    rejected,
-                })?;
-        let timeout = self.routes[route.index()].timeout;
-        let started = Instant::now();
-        // Set once a connection is in hand: from then on the statement may reach the server.
-        let sent = AtomicBool::new(false);
-        let attempt = async {
-            let mut checkout = Checkout(Some(endpoint.get().await?));
-            let connection = checkout.connection();
-            sent.store(true, Ordering::Relaxed);
-            connection.busy = true;
-            let result = operation(&mut connection.raw).await;
-            connection.busy = false;
-            Ok::<_, PoolError<sqlx::Error>>((checkout, result))
-        };
-        let finished = tokio::time::timeout(timeout, attempt).await;
-        let elapsed = started.elapsed();
-        let sent = sent.load(Ordering::Relaxed);
-
-        let (class, source) = match finished {
-            Err(_) => {
-                permit.record(Outcome::Failure, elapsed);
-                return Err(Error::Timeout {
-                    route,
-                    endpoint: endpoint.name.clone(),
-                    after: timeout,
-                    outcome_unknown: sent,
-                });
-            }
-            Ok(Ok((_, Ok(value)))) => {
-                permit.record(Outcome::Success, elapsed);
-                return Ok(value);
-            }
-            Ok(Ok((mut checkout, Err(error)))) => {
-                let class = self.classify(&error, route);
-                // Never hand a dead connection out again.
-                checkout.connection().broken = class == ErrorClass::Connection;
-                (class, error)
-            }
-            Ok(Err(pool_error)) => match pool_error {
-                PoolError::Backend(error) => (self.classify(&error, route), error),
-                PoolError::Timeout(TimeoutType::Wait) => {
-                    (ErrorClass::Resource, sqlx::Error::PoolTimedOut)
+        let deadline = self.deadline(route);
+        let mut attempts = Vec::new();
+        for endpoint in self.router.candidates(route, &self.endpoints) {
+            let mut lease = match self.lease(route, endpoint, deadline).await {
+                Ok(lease) => lease,
+                Err((error, Next::TryAnother)) => {
+                    attempts.push(attempt(endpoint, error));
+                    continue;
                 }
-                PoolError::Timeout(_) => (
-                    ErrorClass::Timeout,
-                    sqlx::Error::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "checking a pooled connection timed out",
-                    )),
-                ),
-                PoolError::Closed => return Err(Error::Closed),
-                other => (
-                    ErrorClass::Unknown,
-                    sqlx::Error::Protocol(format!("connection pool: {other}")),
-                ),
-            },
+                Err((error, Next::Stop)) => return Err(fold(route, attempts, endpoint, error)),
+            };
+            let result = timeout_at(deadline, operation(lease.connection())).await;
+            return self
+                .finish(route, lease, result)
+                .map_err(|(error, _)| fold(route, attempts, endpoint, error));
+        }
+        Err(all_failed(route, attempts))
+    }
+
+    /// Runs `operation`, again on the next endpoint if it fails with an infrastructure error,
+    /// until one succeeds or the route's deadline passes. Only for operations that are safe to
+    /// repeat (reads).
+    pub(crate) async fn run_replayable<T, F>(&self, route: Route, operation: F) -> Result<T>
+    where
+        F: AsyncFn(&mut DB::Connection) -> Result<T, sqlx::Error>,
+    {
+        let deadline = self.deadline(route);
+        let mut attempts = Vec::new();
+        for endpoint in self.router.candidates(route, &self.endpoints) {
+            let outcome = match self.lease(route, endpoint, deadline).await {
+                Ok(mut lease) => {
+                    let result = timeout_at(deadline, operation(lease.connection())).await;
+                    self.finish(route, lease, result)
+                }
+                Err(failed) => Err(failed),
+            };
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err((error, Next::TryAnother)) => attempts.push(attempt(endpoint, error)),
+                Err((error, Next::Stop)) => {
+                    // A replayable read that lost its connection or timed out may move on,
+                    // as long as the deadline leaves time for it.
+                    let retry = matches!(
+                        error.class(),
+                        Some(class) if class.counts_as_failure(route)
+                    ) && tokio::time::Instant::now() < deadline;
+                    if !retry {
+                        return Err(fold(route, attempts, endpoint, error));
+                    }
+                    attempts.push(attempt(endpoint, error));
+                }
+            }
+        }
+        Err(all_failed(route, attempts))
+    }
+
+    fn deadline(&self, route: Route) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.routes[route.index()].timeout
+    }
+
+    /// A breaker permit and a connection on `endpoint`.
+    async fn lease<'a>(
+        &'a self,
+        route: Route,
+        endpoint: &'a Endpoint<DB>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Lease<'a, DB>, (Error, Next)> {
+        if let (Role::Replica, Some(max), Some(lag)) =
+            (endpoint.role, self.max_replica_lag, endpoint.lag())
+        {
+            if lag > max {
+                let error = Error::ReplicaLagging {
+                    endpoint: endpoint.name.clone(),
+                    lag,
+                    max,
+                };
+                return Err((error, Next::TryAnother));
+            }
+        }
+        let permit = endpoint.breaker(route).try_acquire().map_err(|rejected| {
+            let error = Error::CircuitOpen {
+                route,
+                endpoint: endpoint.name.clone(),
+                rejected,
+            };
+            (error, Next::TryAnother)
+        })?;
+        let outstanding = endpoint.start_call();
+        let started = Instant::now();
+        let connection = match timeout_at(deadline, endpoint.get()).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(pool_error)) => {
+                let (class, source) = match pool_error {
+                    PoolError::Backend(error) => (self.classify(&error, route), error),
+                    PoolError::Timeout(TimeoutType::Wait) => {
+                        (ErrorClass::Resource, sqlx::Error::PoolTimedOut)
+                    }
+                    PoolError::Timeout(_) => (
+                        ErrorClass::Timeout,
+                        sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "checking a pooled connection timed out",
+                        )),
+                    ),
+                    PoolError::Closed => return Err((Error::Closed, Next::Stop)),
+                    other => (
+                        ErrorClass::Unknown,
+                        sqlx::Error::Protocol(format!("connection pool: {other}")),
+                    ),
+                };
+                permit.record(outcome_for(class, route), started.elapsed());
+                let next = if class.counts_as_failure(route) {
+                    Next::TryAnother
+                } else {
+                    Next::Stop
+                };
+                let error = Error::Database {
+                    route,
+                    endpoint: endpoint.name.clone(),
+                    class,
+                    outcome_unknown: false,
+                    source,
+                };
+                return Err((error, next));
+            }
+            Err(_) => {
+                permit.record(Outcome::Failure, started.elapsed());
+                let error = Error::Timeout {
+                    route,
+                    endpoint: endpoint.name.clone(),
+                    after: self.routes[route.index()].timeout,
+                    outcome_unknown: false,
+                };
+                return Err((error, Next::Stop));
+            }
         };
-        permit.record(outcome_for(class, route), elapsed);
-        Err(Error::Database {
-            route,
-            endpoint: endpoint.name.clone(),
-            class,
-            // The server answered with an error: nothing ran. A lost connection after the
-            // statement left says nothing about whether it ran.
-            outcome_unknown: sent && matches!(class, ErrorClass::Connection | ErrorClass::Unknown),
-            source,
+        Ok(Lease {
+            endpoint,
+            permit,
+            checkout: Checkout(Some(connection)),
+            started,
+            _outstanding: outstanding,
         })
     }
 
-    fn classify(&self, error: &sqlx::Error, route: Route) -> ErrorClass {
+    /// Records the outcome of an operation that ran on a leased connection.
+    fn finish<T>(
+        &self,
+        route: Route,
+        mut lease: Lease<'_, DB>,
+        result: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<T, (Error, Next)> {
+        let elapsed = lease.started.elapsed();
+        let endpoint = lease.endpoint.name.clone();
+        let error = match result {
+            Ok(Ok(value)) => {
+                lease.checkout.connection().busy = false;
+                lease.permit.record(Outcome::Success, elapsed);
+                return Ok(value);
+            }
+            Ok(Err(source)) => {
+                let class = self.classify(&source, route);
+                let connection = lease.checkout.connection();
+                connection.busy = false;
+                // Never hand a dead connection out again.
+                connection.broken = class == ErrorClass::Connection;
+                lease.permit.record(outcome_for(class, route), elapsed);
+                Error::Database {
+                    route,
+                    endpoint,
+                    class,
+                    // The server answering with an error means nothing ran. A connection lost
+                    // after the statement left says nothing about whether it ran.
+                    outcome_unknown: matches!(class, ErrorClass::Connection | ErrorClass::Unknown),
+                    source,
+                }
+            }
+            Err(_) => {
+                // Still busy: the checkout closes the connection instead of returning it.
+                lease.permit.record(Outcome::Failure, elapsed);
+                Error::Timeout {
+                    route,
+                    endpoint,
+                    after: self.routes[route.index()].timeout,
+                    outcome_unknown: true,
+                }
+            }
+        };
+        Err((error, Next::Stop))
+    }
+
+    pub(crate) fn classify(&self, error: &sqlx::Error, route: Route) -> ErrorClass {
         self.classifier
             .as_ref()
             .and_then(|classify| classify(error, route))
@@ -109,8 +240,46 @@ impl<DB: Backend> PoolInner<DB> {
     }
 }
 
+impl<DB: Backend> Lease<'_, DB> {
+    /// The raw connection, marked busy until the outcome is recorded.
+    fn connection(&mut self) -> &mut DB::Connection {
+        let connection = self.checkout.connection();
+        connection.busy = true;
+        &mut connection.raw
+    }
+}
+
+fn attempt<DB: Backend>(endpoint: &Endpoint<DB>, error: Error) -> Attempt {
+    Attempt {
+        endpoint: endpoint.name.clone(),
+        error,
+    }
+}
+
+/// The error of a call: the last endpoint's own error when it was the only one tried, else
+/// every attempt.
+fn fold<DB: Backend>(
+    route: Route,
+    mut attempts: Vec<Attempt>,
+    endpoint: &Endpoint<DB>,
+    error: Error,
+) -> Error {
+    if attempts.is_empty() {
+        return error;
+    }
+    attempts.push(attempt(endpoint, error));
+    Error::AllEndpointsFailed { route, attempts }
+}
+
+fn all_failed(route: Route, mut attempts: Vec<Attempt>) -> Error {
+    if attempts.len() == 1 {
+        return attempts.pop().expect("one attempt").error;
+    }
+    Error::AllEndpointsFailed { route, attempts }
+}
+
 /// What the breaker hears about an error of `class` on `route`.
-fn outcome_for(class: ErrorClass, route: Route) -> Outcome {
+pub(crate) fn outcome_for(class: ErrorClass, route: Route) -> Outcome {
     if class.counts_as_failure(route) {
         Outcome::Failure
     } else if class == ErrorClass::Query {
@@ -124,10 +293,10 @@ fn outcome_for(class: ErrorClass, route: Route) -> Outcome {
 /// A checked-out connection that goes back to the pool only in a known state: if its caller
 /// was cancelled mid-statement (still busy) or it saw a connection error, it is closed at
 /// once, so the pool's count drops immediately and the slot can open a fresh connection.
-struct Checkout<DB: Backend>(Option<Connection<DB>>);
+pub(crate) struct Checkout<DB: Backend>(pub(crate) Option<Connection<DB>>);
 
 impl<DB: Backend> Checkout<DB> {
-    fn connection(&mut self) -> &mut crate::endpoint::PooledConnection<DB> {
+    pub(crate) fn connection(&mut self) -> &mut PooledConnection<DB> {
         self.0.as_mut().expect("present until dropped")
     }
 }

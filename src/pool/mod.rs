@@ -3,16 +3,18 @@
 mod builder;
 mod call;
 mod events;
+mod probe;
 mod query;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::Postgres;
 
 pub use builder::PoolBuilder;
 pub use events::PoolStateChange;
-pub use query::{RoutableQuery, Routed};
+pub use query::{QueryFuture, RoutableQuery, Routed};
 
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
@@ -20,6 +22,7 @@ use crate::classify::Classifier;
 use crate::endpoint::{Endpoint, PoolStatus, Role};
 use crate::error::{Error, Result};
 use crate::route::{Route, RouteConfig};
+use crate::router::Router;
 use events::PoolListeners;
 
 /// A pool of database connections with a circuit breaker per route on each endpoint.
@@ -49,8 +52,15 @@ pub struct ProtectedPool<DB: Backend = Postgres> {
 }
 
 pub(crate) struct PoolInner<DB: Backend> {
-    primary: Endpoint<DB>,
+    /// This pool, for the probe tasks, which must not keep it alive.
+    me: std::sync::Weak<PoolInner<DB>>,
+    /// The primary first, then the replicas.
+    endpoints: Vec<Endpoint<DB>>,
+    router: Router,
     routes: [RouteConfig; 3],
+    max_replica_lag: Option<Duration>,
+    health_check_interval: Duration,
+    probes: probe::Probes,
     classifier: Option<Classifier>,
     listeners: Arc<PoolListeners>,
 }
@@ -66,14 +76,17 @@ impl<DB: Backend> Clone for ProtectedPool<DB> {
 impl<DB: Backend> fmt::Debug for ProtectedPool<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProtectedPool")
-            .field("primary", &self.inner.primary)
+            .field("endpoints", &self.inner.endpoints)
             .finish_non_exhaustive()
     }
 }
 
 impl<DB: Backend> Drop for PoolInner<DB> {
     fn drop(&mut self) {
-        self.primary.close();
+        self.probes.stop();
+        for endpoint in &self.endpoints {
+            endpoint.close();
+        }
     }
 }
 
@@ -114,11 +127,37 @@ impl<DB: Backend> ProtectedPool<DB> {
     ///     .await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// The operation runs at most once: if an endpoint cannot hand out a connection the call
+    /// moves to the next one, but once the operation has started it is not repeated. For a read
+    /// that may be repeated on another endpoint, use [`read_with`](Self::read_with).
     pub async fn with_connection<T, F>(&self, route: Route, operation: F) -> Result<T>
     where
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
-        self.inner.run(route, operation).await
+        self.inner.start_probes();
+        self.inner.run_once(route, operation).await
+    }
+
+    /// Runs a read that is safe to repeat: if it fails with an infrastructure error (a lost
+    /// connection, a timeout) it runs again on the next endpoint, within the read route's
+    /// timeout. It must not write.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// let total: i64 = pool
+    ///     .read_with(async |conn| {
+    ///         sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&mut *conn).await
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_with<T, F>(&self, operation: F) -> Result<T>
+    where
+        F: AsyncFn(&mut DB::Connection) -> Result<T, sqlx::Error>,
+    {
+        self.inner.start_probes();
+        self.inner.run_replayable(Route::Read, operation).await
     }
 
     /// Runs `operation` in a transaction on the write route: committed if it returns `Ok`,
@@ -128,8 +167,9 @@ impl<DB: Backend> ProtectedPool<DB> {
     where
         F: AsyncFnOnce(&mut sqlx::Transaction<'_, DB>) -> Result<T, sqlx::Error>,
     {
+        self.inner.start_probes();
         self.inner
-            .run(
+            .run_once(
                 Route::Write,
                 async move |connection: &mut DB::Connection| {
                     let mut transaction = sqlx::Connection::begin(connection).await?;
@@ -169,9 +209,19 @@ impl<DB: Backend> ProtectedPool<DB> {
         Ok(())
     }
 
-    /// Names and roles of the endpoints.
+    /// Names and roles of the endpoints, the primary first.
     pub fn endpoints(&self) -> Vec<(Arc<str>, Role)> {
-        vec![(self.inner.primary.name.clone(), self.inner.primary.role)]
+        self.inner
+            .endpoints
+            .iter()
+            .map(|endpoint| (endpoint.name.clone(), endpoint.role))
+            .collect()
+    }
+
+    /// The named replica's replication lag as last measured by the health probe (`None`
+    /// before the first measurement, after a failed one, and for the primary).
+    pub fn replica_lag(&self, endpoint: &str) -> Result<Option<Duration>> {
+        Ok(self.endpoint(endpoint)?.lag())
     }
 
     /// Connection counts of the named endpoint's pool.
@@ -179,18 +229,21 @@ impl<DB: Backend> ProtectedPool<DB> {
         Ok(self.endpoint(endpoint)?.status())
     }
 
-    /// Closes every endpoint's pool: waiting and later calls fail with [`Error::Closed`].
+    /// Closes every endpoint's pool and stops the recovery probes: waiting and later calls
+    /// fail with [`Error::Closed`].
     pub fn close(&self) {
-        self.inner.primary.close();
+        self.inner.probes.stop();
+        for endpoint in &self.inner.endpoints {
+            endpoint.close();
+        }
     }
 
     fn endpoint(&self, name: &str) -> Result<&Endpoint<DB>> {
-        let primary = &self.inner.primary;
-        if &*primary.name == name {
-            Ok(primary)
-        } else {
-            Err(Error::UnknownEndpoint(name.to_owned()))
-        }
+        self.inner
+            .endpoints
+            .iter()
+            .find(|endpoint| &*endpoint.name == name)
+            .ok_or_else(|| Error::UnknownEndpoint(name.to_owned()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! `pool.read(query)`: ordinary sqlx query builders, routed and protected.
 
 use std::future::Future;
+use std::pin::Pin;
 
 use sqlx::IntoArguments;
 use sqlx::query::{Query, QueryAs, QueryScalar};
@@ -10,30 +11,34 @@ use crate::backend::Backend;
 use crate::error::Result;
 use crate::route::Route;
 
+/// A query's future, boxed: its type then names no query lifetime, so the futures of pool
+/// calls are `Send` wherever they are spawned.
+pub type QueryFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
+
 /// A sqlx query builder the pool can run: [`sqlx::query`], [`sqlx::query_as`],
 /// [`sqlx::query_scalar`] and their `_with` forms.
-pub trait RoutableQuery<'q, DB: Backend>: Send + 'q {
+pub trait RoutableQuery<DB: Backend>: Send {
     /// What one result row becomes.
-    type Output: Send + Unpin + 'q;
+    type Output: Send + Unpin;
 
     /// Runs the query on `connection`, returning at most one row.
     fn fetch_optional_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Option<Self::Output>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Option<Self::Output>>
     where
-        'q: 'c;
+        Self: 'c;
 
     /// Runs the query on `connection`, returning every row.
     fn fetch_all_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Vec<Self::Output>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Vec<Self::Output>>
     where
-        'q: 'c;
+        Self: 'c;
 }
 
-impl<'q, DB, A> RoutableQuery<'q, DB> for Query<'q, DB, A>
+impl<'q, DB, A> RoutableQuery<DB> for Query<'q, DB, A>
 where
     DB: Backend,
     A: 'q + IntoArguments<DB> + Send,
@@ -43,58 +48,58 @@ where
     fn fetch_optional_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Option<DB::Row>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Option<Self::Output>>
     where
-        'q: 'c,
+        Self: 'c,
     {
-        Query::fetch_optional(self, DB::executor(connection))
+        Box::pin(Query::fetch_optional(self, DB::executor(connection)))
     }
 
     fn fetch_all_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Vec<DB::Row>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Vec<Self::Output>>
     where
-        'q: 'c,
+        Self: 'c,
     {
-        Query::fetch_all(self, DB::executor(connection))
+        Box::pin(Query::fetch_all(self, DB::executor(connection)))
     }
 }
 
-impl<'q, DB, O, A> RoutableQuery<'q, DB> for QueryAs<'q, DB, O, A>
+impl<'q, DB, O, A> RoutableQuery<DB> for QueryAs<'q, DB, O, A>
 where
     DB: Backend,
     A: 'q + IntoArguments<DB> + Send,
-    O: Send + Unpin + for<'r> sqlx::FromRow<'r, DB::Row> + 'q,
+    O: Send + Unpin + for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     type Output = O;
 
     fn fetch_optional_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Option<O>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Option<Self::Output>>
     where
-        'q: 'c,
+        Self: 'c,
     {
-        QueryAs::fetch_optional(self, DB::executor(connection))
+        Box::pin(QueryAs::fetch_optional(self, DB::executor(connection)))
     }
 
     fn fetch_all_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Vec<O>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Vec<Self::Output>>
     where
-        'q: 'c,
+        Self: 'c,
     {
-        QueryAs::fetch_all(self, DB::executor(connection))
+        Box::pin(QueryAs::fetch_all(self, DB::executor(connection)))
     }
 }
 
-impl<'q, DB, O, A> RoutableQuery<'q, DB> for QueryScalar<'q, DB, O, A>
+impl<'q, DB, O, A> RoutableQuery<DB> for QueryScalar<'q, DB, O, A>
 where
     DB: Backend,
     A: 'q + IntoArguments<DB> + Send,
-    O: Send + Unpin + 'q,
+    O: Send + Unpin,
     (O,): for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     type Output = O;
@@ -102,21 +107,21 @@ where
     fn fetch_optional_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Option<O>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Option<Self::Output>>
     where
-        'q: 'c,
+        Self: 'c,
     {
-        QueryScalar::fetch_optional(self, DB::executor(connection))
+        Box::pin(QueryScalar::fetch_optional(self, DB::executor(connection)))
     }
 
     fn fetch_all_on<'c>(
         self,
         connection: &'c mut DB::Connection,
-    ) -> impl Future<Output = Result<Vec<O>, sqlx::Error>> + Send + 'c
+    ) -> QueryFuture<'c, Vec<Self::Output>>
     where
-        'q: 'c,
+        Self: 'c,
     {
-        QueryScalar::fetch_all(self, DB::executor(connection))
+        Box::pin(QueryScalar::fetch_all(self, DB::executor(connection)))
     }
 }
 
@@ -135,13 +140,14 @@ impl<'p, DB: Backend, Q> Routed<'p, DB, Q> {
     }
 }
 
-impl<'q, DB: Backend, Q: RoutableQuery<'q, DB>> Routed<'_, DB, Q> {
+impl<DB: Backend, Q: RoutableQuery<DB>> Routed<'_, DB, Q> {
     /// Exactly one row; no row is an error of class `Query`.
     pub async fn fetch_one(self) -> Result<Q::Output> {
         let query = self.query;
+        self.pool.inner.start_probes();
         self.pool
             .inner
-            .run(self.route, async move |connection: &mut DB::Connection| {
+            .run_once(self.route, async move |connection: &mut DB::Connection| {
                 query
                     .fetch_optional_on(connection)
                     .await?
@@ -153,9 +159,10 @@ impl<'q, DB: Backend, Q: RoutableQuery<'q, DB>> Routed<'_, DB, Q> {
     /// At most one row.
     pub async fn fetch_optional(self) -> Result<Option<Q::Output>> {
         let query = self.query;
+        self.pool.inner.start_probes();
         self.pool
             .inner
-            .run(self.route, async move |connection: &mut DB::Connection| {
+            .run_once(self.route, async move |connection: &mut DB::Connection| {
                 query.fetch_optional_on(connection).await
             })
             .await
@@ -164,9 +171,10 @@ impl<'q, DB: Backend, Q: RoutableQuery<'q, DB>> Routed<'_, DB, Q> {
     /// Every row.
     pub async fn fetch_all(self) -> Result<Vec<Q::Output>> {
         let query = self.query;
+        self.pool.inner.start_probes();
         self.pool
             .inner
-            .run(self.route, async move |connection: &mut DB::Connection| {
+            .run_once(self.route, async move |connection: &mut DB::Connection| {
                 query.fetch_all_on(connection).await
             })
             .await
@@ -181,9 +189,10 @@ where
     /// Runs a statement for its effect; returns the driver's result (rows affected, ...).
     pub async fn execute(self) -> Result<DB::QueryResult> {
         let query = self.query;
+        self.pool.inner.start_probes();
         self.pool
             .inner
-            .run(self.route, async move |connection: &mut DB::Connection| {
+            .run_once(self.route, async move |connection: &mut DB::Connection| {
                 query.execute(DB::executor(connection)).await
             })
             .await

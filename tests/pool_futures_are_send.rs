@@ -1,0 +1,100 @@
+//! Every future the pool hands out can be spawned on a multi-threaded runtime: service code
+//! calls the pool from `tokio::spawn`ed tasks and from web handlers that require `Send`.
+//! This file compiles only if that holds; the test then checks the futures also run.
+
+use protected_pool::{ErrorClass, Postgres, ProtectedPool, Route, Sqlite};
+
+fn assert_send<T: Send>(value: T) -> T {
+    value
+}
+
+#[tokio::test]
+async fn pool_futures_are_send_and_spawnable() {
+    // A port nothing listens on: every call fails fast with a connection error.
+    let pool: ProtectedPool<Postgres> = ProtectedPool::builder()
+        .primary("postgres://app@127.0.0.1:1/app")
+        .build()
+        .unwrap();
+    let tasks = vec![
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                assert_send(
+                    pool.read(sqlx::query_scalar::<_, i64>("SELECT 1"))
+                        .fetch_one(),
+                )
+                .await
+                .map(drop)
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let query = sqlx::query_as::<_, (i64, String)>("SELECT 1, 'a'").bind(7_i64);
+                assert_send(pool.auth(query).fetch_optional())
+                    .await
+                    .map(drop)
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                assert_send(pool.write(sqlx::query("DELETE FROM t")).execute())
+                    .await
+                    .map(drop)
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                assert_send(pool.read_with(async |conn| {
+                    sqlx::query_scalar::<_, i64>("SELECT 1")
+                        .fetch_one(&mut *conn)
+                        .await
+                }))
+                .await
+                .map(drop)
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                assert_send(pool.with_connection(Route::Write, async |conn| {
+                    sqlx::query("SELECT 1").execute(&mut *conn).await.map(drop)
+                }))
+                .await
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                assert_send(pool.transaction(async |tx| {
+                    sqlx::query("SELECT 1").execute(&mut **tx).await.map(drop)
+                }))
+                .await
+            }
+        }),
+    ];
+    for task in tasks {
+        let error = task
+            .await
+            .expect("task ran")
+            .expect_err("nothing listens there");
+        assert_eq!(error.class(), Some(ErrorClass::Connection), "{error}");
+    }
+
+    let sqlite: ProtectedPool<Sqlite> = ProtectedPool::builder()
+        .primary("sqlite::memory:")
+        .build()
+        .unwrap();
+    let value = tokio::spawn(async move {
+        sqlite
+            .read(sqlx::query_scalar::<_, i64>("SELECT 41 + 1"))
+            .fetch_one()
+            .await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(value, 42);
+}
