@@ -14,7 +14,9 @@ mod sealed {
 }
 
 /// A database `ProtectedPool` supports: [`Postgres`] and [`Sqlite`].
-pub trait Backend: Database + sealed::Sealed {
+pub trait Backend:
+    Database<Arguments: Clone + Sync> + sqlx::database::HasStatementCache + sealed::Sealed
+{
     /// The executor a query runs on: a mutable connection.
     type Executor<'c>: Executor<'c, Database = Self>
     where

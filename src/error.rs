@@ -76,6 +76,15 @@ pub enum Error {
         /// What happened on each endpoint, in the order tried.
         attempts: Vec<Attempt>,
     },
+    /// The query's arguments could not be encoded; nothing was sent.
+    #[error("{route} query could not be prepared: {source}")]
+    InvalidQuery {
+        /// The route.
+        route: Route,
+        /// The encoding error.
+        #[source]
+        source: sqlx::Error,
+    },
     /// The pool was closed.
     #[error("the pool is closed")]
     Closed,
@@ -116,7 +125,8 @@ impl Error {
             Self::CircuitOpen { route, .. }
             | Self::Database { route, .. }
             | Self::Timeout { route, .. }
-            | Self::AllEndpointsFailed { route, .. } => Some(*route),
+            | Self::AllEndpointsFailed { route, .. }
+            | Self::InvalidQuery { route, .. } => Some(*route),
             _ => None,
         }
     }
@@ -141,6 +151,7 @@ impl Error {
         match self {
             Self::Database { class, .. } => Some(*class),
             Self::Timeout { .. } => Some(ErrorClass::Timeout),
+            Self::InvalidQuery { .. } => Some(ErrorClass::Query),
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .rev()
@@ -203,7 +214,7 @@ impl Error {
     /// The driver's error, for SQLSTATE codes and constraint names (the last endpoint's).
     pub fn as_sqlx(&self) -> Option<&sqlx::Error> {
         match self {
-            Self::Database { source, .. } => Some(source),
+            Self::Database { source, .. } | Self::InvalidQuery { source, .. } => Some(source),
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .rev()

@@ -15,7 +15,9 @@ pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use endpoint::{EndpointOptions, PoolStatus, Role};
 pub use error::{Attempt, Error, Result};
-pub use pool::{PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture, RoutableQuery, Routed};
+pub use pool::{
+    PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture, RoutableQuery, Routed, Statement,
+};
 pub use route::{Route, RouteConfig};
 pub use router::{ReadPreference, ReplicaSelection};
 pub use sqlx::{Postgres, Sqlite};

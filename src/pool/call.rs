@@ -7,6 +7,7 @@ use deadpool::managed::{PoolError, TimeoutType};
 use tokio::time::timeout_at;
 
 use super::PoolInner;
+use super::query::QueryFuture;
 use crate::backend::Backend;
 use crate::breaker::{Outcome, Permit};
 use crate::classify::ErrorClass;
@@ -42,22 +43,12 @@ impl<DB: Backend> PoolInner<DB> {
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
         let deadline = self.deadline(route);
-        let mut attempts = Vec::new();
-        for endpoint in self.router.candidates(route, &self.endpoints) {
-            let mut lease = match self.lease(route, endpoint, deadline).await {
-                Ok(lease) => lease,
-                Err((error, Next::TryAnother)) => {
-                    attempts.push(attempt(endpoint, error));
-                    continue;
-                }
-                Err((error, Next::Stop)) => return Err(fold(route, attempts, endpoint, error)),
-            };
-            let result = timeout_at(deadline, operation(lease.connection())).await;
-            return self
-                .finish(route, lease, result)
-                .map_err(|(error, _)| fold(route, attempts, endpoint, error));
-        }
-        Err(all_failed(route, attempts))
+        let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
+        let mut lease = self.next_lease(route, deadline, &mut tried).await?;
+        let result = timeout_at(deadline, operation(lease.connection())).await;
+        let endpoint = lease.endpoint;
+        self.finish(route, lease, result)
+            .map_err(|error| tried.fail(route, endpoint, error))
     }
 
     /// Runs `operation`, again on the next endpoint if it fails with an infrastructure error,
@@ -68,33 +59,59 @@ impl<DB: Backend> PoolInner<DB> {
         F: AsyncFn(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
         let deadline = self.deadline(route);
-        let mut attempts = Vec::new();
-        for endpoint in self.router.candidates(route, &self.endpoints) {
-            let outcome = match self.lease(route, endpoint, deadline).await {
-                Ok(mut lease) => {
-                    let result = timeout_at(deadline, operation(lease.connection())).await;
-                    self.finish(route, lease, result)
-                }
-                Err(failed) => Err(failed),
-            };
-            match outcome {
+        let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
+        loop {
+            let mut lease = self.next_lease(route, deadline, &mut tried).await?;
+            let result = timeout_at(deadline, operation(lease.connection())).await;
+            let endpoint = lease.endpoint;
+            match self.finish(route, lease, result) {
                 Ok(value) => return Ok(value),
-                Err((error, Next::TryAnother)) => attempts.push(attempt(endpoint, error)),
-                Err((error, Next::Stop)) => {
-                    // A replayable read that lost its connection or timed out may move on,
-                    // as long as the deadline leaves time for it.
-                    let retry = matches!(
-                        error.class(),
-                        Some(class) if class.counts_as_failure(route)
-                    ) && tokio::time::Instant::now() < deadline;
-                    if !retry {
-                        return Err(fold(route, attempts, endpoint, error));
-                    }
-                    attempts.push(attempt(endpoint, error));
-                }
+                Err(error) => tried.after_replayable(route, endpoint, error, deadline)?,
             }
         }
-        Err(all_failed(route, attempts))
+    }
+
+    /// [`run_once`](Self::run_once) or [`run_replayable`](Self::run_replayable) for a query
+    /// whose builder type has been erased (see `pool/query.rs`): no closure type of this
+    /// crate's generic code ends up in the future, which keeps it `Send`.
+    pub(crate) async fn run_erased<T>(
+        &self,
+        route: Route,
+        replayable: bool,
+        fetch: &(dyn for<'c> Fn(&'c mut DB::Connection) -> QueryFuture<'c, T> + Send + Sync),
+    ) -> Result<T> {
+        let deadline = self.deadline(route);
+        let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
+        loop {
+            let mut lease = self.next_lease(route, deadline, &mut tried).await?;
+            let result = timeout_at(deadline, fetch(lease.connection())).await;
+            let endpoint = lease.endpoint;
+            match self.finish(route, lease, result) {
+                Ok(value) => return Ok(value),
+                Err(error) if replayable => {
+                    tried.after_replayable(route, endpoint, error, deadline)?;
+                }
+                Err(error) => return Err(tried.fail(route, endpoint, error)),
+            }
+        }
+    }
+
+    /// A lease on the next endpoint that can give one, passing over refusals and endpoints
+    /// that fail before anything is sent.
+    async fn next_lease<'a>(
+        &'a self,
+        route: Route,
+        deadline: tokio::time::Instant,
+        tried: &mut Tried<'a, DB>,
+    ) -> Result<Lease<'a, DB>> {
+        while let Some(endpoint) = tried.next_endpoint() {
+            match self.lease(route, endpoint, deadline).await {
+                Ok(lease) => return Ok(lease),
+                Err((error, Next::TryAnother)) => tried.record(endpoint, error),
+                Err((error, Next::Stop)) => return Err(tried.fail(route, endpoint, error)),
+            }
+        }
+        Err(tried.exhausted(route))
     }
 
     fn deadline(&self, route: Route) -> tokio::time::Instant {
@@ -192,7 +209,7 @@ impl<DB: Backend> PoolInner<DB> {
         route: Route,
         mut lease: Lease<'_, DB>,
         result: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<T, (Error, Next)> {
+    ) -> Result<T> {
         let elapsed = lease.started.elapsed();
         let endpoint = lease.endpoint.name.clone();
         let error = match result {
@@ -229,7 +246,7 @@ impl<DB: Backend> PoolInner<DB> {
                 }
             }
         };
-        Err((error, Next::Stop))
+        Err(error)
     }
 
     pub(crate) fn classify(&self, error: &sqlx::Error, route: Route) -> ErrorClass {
@@ -249,33 +266,69 @@ impl<DB: Backend> Lease<'_, DB> {
     }
 }
 
-fn attempt<DB: Backend>(endpoint: &Endpoint<DB>, error: Error) -> Attempt {
-    Attempt {
-        endpoint: endpoint.name.clone(),
-        error,
-    }
+/// The endpoints a call may still try, and what happened on those it tried.
+struct Tried<'a, DB: Backend> {
+    candidates: std::vec::IntoIter<&'a Endpoint<DB>>,
+    attempts: Vec<Attempt>,
 }
 
-/// The error of a call: the last endpoint's own error when it was the only one tried, else
-/// every attempt.
-fn fold<DB: Backend>(
-    route: Route,
-    mut attempts: Vec<Attempt>,
-    endpoint: &Endpoint<DB>,
-    error: Error,
-) -> Error {
-    if attempts.is_empty() {
-        return error;
+impl<'a, DB: Backend> Tried<'a, DB> {
+    fn new(candidates: Vec<&'a Endpoint<DB>>) -> Self {
+        Self {
+            candidates: candidates.into_iter(),
+            attempts: Vec::new(),
+        }
     }
-    attempts.push(attempt(endpoint, error));
-    Error::AllEndpointsFailed { route, attempts }
-}
 
-fn all_failed(route: Route, mut attempts: Vec<Attempt>) -> Error {
-    if attempts.len() == 1 {
-        return attempts.pop().expect("one attempt").error;
+    fn next_endpoint(&mut self) -> Option<&'a Endpoint<DB>> {
+        self.candidates.next()
     }
-    Error::AllEndpointsFailed { route, attempts }
+
+    fn record(&mut self, endpoint: &Endpoint<DB>, error: Error) {
+        self.attempts.push(Attempt {
+            endpoint: endpoint.name.clone(),
+            error,
+        });
+    }
+
+    /// A replayable operation failed on `endpoint`: go on if it was an infrastructure failure
+    /// and the deadline leaves time, else this is the call's error.
+    fn after_replayable(
+        &mut self,
+        route: Route,
+        endpoint: &Endpoint<DB>,
+        error: Error,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        let infrastructure = error
+            .class()
+            .is_some_and(|class| class.counts_as_failure(route));
+        if infrastructure && tokio::time::Instant::now() < deadline {
+            self.record(endpoint, error);
+            Ok(())
+        } else {
+            Err(self.fail(route, endpoint, error))
+        }
+    }
+
+    /// The call's error: the endpoint's own error when it was the only one tried, else every
+    /// attempt.
+    fn fail(&mut self, route: Route, endpoint: &Endpoint<DB>, error: Error) -> Error {
+        if self.attempts.is_empty() {
+            return error;
+        }
+        self.record(endpoint, error);
+        self.exhausted(route)
+    }
+
+    /// Every candidate was tried.
+    fn exhausted(&mut self, route: Route) -> Error {
+        let mut attempts = std::mem::take(&mut self.attempts);
+        if attempts.len() == 1 {
+            return attempts.pop().expect("one attempt").error;
+        }
+        Error::AllEndpointsFailed { route, attempts }
+    }
 }
 
 /// What the breaker hears about an error of `class` on `route`.

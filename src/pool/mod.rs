@@ -14,7 +14,7 @@ use sqlx::Postgres;
 
 pub use builder::PoolBuilder;
 pub use events::PoolStateChange;
-pub use query::{QueryFuture, RoutableQuery, Routed};
+pub use query::{QueryFuture, RoutableQuery, Routed, Statement};
 
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
