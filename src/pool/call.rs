@@ -21,6 +21,9 @@ struct Lease<'a, DB: Backend> {
     permit: Permit<'a>,
     checkout: Checkout<DB>,
     started: Instant,
+    /// When this attempt must be done, and the time it was given.
+    deadline: tokio::time::Instant,
+    budget: std::time::Duration,
     _outstanding: Outstanding<'a>,
 }
 
@@ -44,8 +47,8 @@ impl<DB: Backend> PoolInner<DB> {
     {
         let deadline = self.deadline(route);
         let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
-        let mut lease = self.next_lease(route, deadline, &mut tried).await?;
-        let result = timeout_at(deadline, operation(lease.connection())).await;
+        let mut lease = self.next_lease(route, deadline, false, &mut tried).await?;
+        let result = timeout_at(lease.deadline, operation(lease.connection())).await;
         let endpoint = lease.endpoint;
         self.finish(route, lease, result)
             .map_err(|error| tried.fail(route, endpoint, error))
@@ -61,8 +64,8 @@ impl<DB: Backend> PoolInner<DB> {
         let deadline = self.deadline(route);
         let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
         loop {
-            let mut lease = self.next_lease(route, deadline, &mut tried).await?;
-            let result = timeout_at(deadline, operation(lease.connection())).await;
+            let mut lease = self.next_lease(route, deadline, true, &mut tried).await?;
+            let result = timeout_at(lease.deadline, operation(lease.connection())).await;
             let endpoint = lease.endpoint;
             match self.finish(route, lease, result) {
                 Ok(value) => return Ok(value),
@@ -83,8 +86,10 @@ impl<DB: Backend> PoolInner<DB> {
         let deadline = self.deadline(route);
         let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
         loop {
-            let mut lease = self.next_lease(route, deadline, &mut tried).await?;
-            let result = timeout_at(deadline, fetch(lease.connection())).await;
+            let mut lease = self
+                .next_lease(route, deadline, replayable, &mut tried)
+                .await?;
+            let result = timeout_at(lease.deadline, fetch(lease.connection())).await;
             let endpoint = lease.endpoint;
             match self.finish(route, lease, result) {
                 Ok(value) => return Ok(value),
@@ -98,14 +103,26 @@ impl<DB: Backend> PoolInner<DB> {
 
     /// A lease on the next endpoint that can give one, passing over refusals and endpoints
     /// that fail before anything is sent.
+    ///
+    /// A replayable operation gives each endpoint an equal share of the time left, so that a
+    /// hung endpoint costs a share rather than the whole deadline and the next one still gets
+    /// its turn; an operation that runs once gets all the time left.
     async fn next_lease<'a>(
         &'a self,
         route: Route,
         deadline: tokio::time::Instant,
+        replayable: bool,
         tried: &mut Tried<'a, DB>,
     ) -> Result<Lease<'a, DB>> {
         while let Some(endpoint) = tried.next_endpoint() {
-            match self.lease(route, endpoint, deadline).await {
+            let now = tokio::time::Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            let share = if replayable {
+                left / u32::try_from(tried.remaining() + 1).unwrap_or(u32::MAX)
+            } else {
+                left
+            };
+            match self.lease(route, endpoint, now + share).await {
                 Ok(lease) => return Ok(lease),
                 Err((error, Next::TryAnother)) => tried.record(endpoint, error),
                 Err((error, Next::Stop)) => return Err(tried.fail(route, endpoint, error)),
@@ -147,6 +164,7 @@ impl<DB: Backend> PoolInner<DB> {
         })?;
         let outstanding = endpoint.start_call();
         let started = Instant::now();
+        let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
         let connection = match timeout_at(deadline, endpoint.get()).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(pool_error)) => {
@@ -188,10 +206,11 @@ impl<DB: Backend> PoolInner<DB> {
                 let error = Error::Timeout {
                     route,
                     endpoint: endpoint.name.clone(),
-                    after: self.routes[route.index()].timeout,
+                    after: budget,
                     outcome_unknown: false,
                 };
-                return Err((error, Next::Stop));
+                // Nothing was sent: another endpoint may take the call if time is left.
+                return Err((error, Next::TryAnother));
             }
         };
         Ok(Lease {
@@ -199,6 +218,8 @@ impl<DB: Backend> PoolInner<DB> {
             permit,
             checkout: Checkout(Some(connection)),
             started,
+            deadline,
+            budget,
             _outstanding: outstanding,
         })
     }
@@ -241,7 +262,7 @@ impl<DB: Backend> PoolInner<DB> {
                 Error::Timeout {
                     route,
                     endpoint,
-                    after: self.routes[route.index()].timeout,
+                    after: lease.budget,
                     outcome_unknown: true,
                 }
             }
@@ -282,6 +303,11 @@ impl<'a, DB: Backend> Tried<'a, DB> {
 
     fn next_endpoint(&mut self) -> Option<&'a Endpoint<DB>> {
         self.candidates.next()
+    }
+
+    /// Candidates not tried yet.
+    fn remaining(&self) -> usize {
+        self.candidates.len()
     }
 
     fn record(&mut self, endpoint: &Endpoint<DB>, error: Error) {
