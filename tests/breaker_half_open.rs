@@ -169,3 +169,27 @@ fn closing_clears_the_window_and_streak() {
     assert_eq!(snapshot.window_calls, 0);
     assert_eq!(snapshot.opened_at, None);
 }
+
+#[test]
+fn a_probe_asking_for_a_trial_is_not_a_refused_call() {
+    let rig = half_open_rig(1, 2);
+    let probe = rig
+        .breaker
+        .try_acquire_trial()
+        .expect("the open duration has passed");
+    assert!(probe.is_trial());
+    assert_eq!(rig.state(), State::HalfOpen);
+    // The only slot is taken: a probe gets nothing and nothing is counted; a call is refused.
+    assert!(rig.breaker.try_acquire_trial().is_none());
+    assert_eq!(rig.breaker.snapshot().total_rejected, 0);
+    assert!(rig.breaker.try_acquire().is_err());
+    assert_eq!(rig.breaker.snapshot().total_rejected, 1);
+    probe.record(Outcome::Success, ms(1));
+    // Closed: there is no trial to make.
+    rig.breaker
+        .try_acquire_trial()
+        .expect("a second trial")
+        .record(Outcome::Success, ms(1));
+    assert_eq!(rig.state(), State::Closed);
+    assert!(rig.breaker.try_acquire_trial().is_none());
+}

@@ -187,15 +187,27 @@ impl Inner {
                         retry_after: Some(Duration::from_nanos(until - now)),
                     });
                 }
-                self.acquire_cold(now)
+                self.acquire_cold(now, true)
             }
-            _ => self.acquire_cold(self.clock.now_nanos()),
+            _ => self.acquire_cold(self.clock.now_nanos(), true),
+        }
+    }
+
+    /// A half-open trial permit if one is free now, for health probes: no refusal is counted,
+    /// since a probe that finds nothing to try is not a call.
+    pub(crate) fn try_acquire_trial(&self) -> Option<Permit<'_>> {
+        match unpack_state(self.word.load(Ordering::Acquire)) {
+            State::Open | State::HalfOpen => self
+                .acquire_cold(self.clock.now_nanos(), false)
+                .ok()
+                .filter(Permit::is_trial),
+            State::Closed | State::Disabled | State::ForcedOpen => None,
         }
     }
 
     /// Half-open admission, the move from open to half-open, and forced-open rejection.
     #[cold]
-    fn acquire_cold(&self, now: u64) -> Result<Permit<'_>, Rejected> {
+    fn acquire_cold(&self, now: u64, count_refusal: bool) -> Result<Permit<'_>, Rejected> {
         let result = {
             let mut control = self.control();
             if control.state == State::Open {
@@ -228,7 +240,7 @@ impl Inner {
                 State::HalfOpen => self.admit_trial(&mut control, word, now),
             }
         };
-        if result.is_err() {
+        if result.is_err() && count_refusal {
             self.stripes.record_rejected();
         }
         self.listeners.deliver();

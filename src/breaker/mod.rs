@@ -82,6 +82,13 @@ impl CircuitBreaker {
         self.inner.try_acquire()
     }
 
+    /// A half-open trial permit if one is free right now (turning an open breaker whose open
+    /// duration has passed half-open), else `None`; a refusal is not counted. For health
+    /// probes, which only ever want to make trial calls.
+    pub fn try_acquire_trial(&self) -> Option<Permit<'_>> {
+        self.inner.try_acquire_trial()
+    }
+
     /// Runs `f` under the breaker, counting `Err` as a failure.
     ///
     /// The call is timed only when the slow-call rule is on.

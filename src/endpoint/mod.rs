@@ -55,6 +55,8 @@ pub(crate) struct Endpoint<DB: Backend> {
     /// Replication lag in ms as last measured; `u64::MAX` when unknown (not a replica, not
     /// measured yet, or the last measurement failed).
     lag_ms: AtomicU64,
+    /// Wakes this endpoint's probe task when one of its breakers opens.
+    pub(crate) wakeup: Arc<tokio::sync::Notify>,
 }
 
 /// Counts a call as outstanding on an endpoint while it lives.
@@ -85,6 +87,7 @@ impl<DB: Backend> Endpoint<DB> {
         manager: ConnectionManager<DB>,
         options: &EndpointOptions,
         breakers: [CircuitBreaker; 3],
+        wakeup: Arc<tokio::sync::Notify>,
     ) -> Self {
         let pool = Pool::builder(manager)
             .max_size(options.max_connections)
@@ -103,6 +106,7 @@ impl<DB: Backend> Endpoint<DB> {
             breakers,
             outstanding: AtomicUsize::new(0),
             lag_ms: AtomicU64::new(u64::MAX),
+            wakeup,
         }
     }
 

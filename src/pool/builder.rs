@@ -12,7 +12,7 @@ use super::events::{PoolListener, PoolListeners, PoolStateChange};
 use super::probe::Probes;
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
-use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
+use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem, State};
 use crate::classify::{Classifier, ErrorClass};
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
@@ -282,11 +282,13 @@ impl<DB: Backend> PoolBuilder<DB> {
                     Role::Replica
                 };
                 let name: Arc<str> = spec.name.into();
+                let wakeup = Arc::new(tokio::sync::Notify::new());
                 let breakers = Route::ALL.map(|route| {
-                    route_breaker(&name, route, &self.routes[route.index()], &listeners)
+                    let config = &self.routes[route.index()];
+                    route_breaker(&name, route, config, &listeners, &wakeup)
                 });
                 let manager = ConnectionManager::<DB>::new(connect, &self.options);
-                Endpoint::new(name, role, manager, &self.options, breakers)
+                Endpoint::new(name, role, manager, &self.options, breakers, wakeup)
             })
             .collect();
         let inner = Arc::new_cyclic(|me| PoolInner {
@@ -315,17 +317,22 @@ impl<DB: Backend> PoolBuilder<DB> {
     }
 }
 
-/// The breaker of `route` on the endpoint `name`, reporting to the pool's listeners.
+/// The breaker of `route` on the endpoint `name`, reporting to the pool's listeners and waking
+/// the endpoint's probe task when it opens.
 fn route_breaker(
     name: &Arc<str>,
     route: Route,
     config: &RouteConfig,
     listeners: &Arc<PoolListeners>,
+    probe_wakeup: &Arc<tokio::sync::Notify>,
 ) -> CircuitBreaker {
     let breaker = CircuitBreaker::new(format!("{name}/{route}"), config.breaker.clone())
         .expect("validated above");
-    let (sink, endpoint) = (listeners.clone(), name.clone());
+    let (sink, endpoint, wakeup) = (listeners.clone(), name.clone(), probe_wakeup.clone());
     breaker.on_state_change(move |change| {
+        if change.to == State::Open {
+            wakeup.notify_one();
+        }
         sink.emit(&PoolStateChange {
             route,
             endpoint: endpoint.clone(),

@@ -5,11 +5,11 @@
 //! task takes the trial permit itself and pings the endpoint, so a recovered database closes
 //! its breakers with no user traffic and without a user call being the one that finds out.
 
-use std::sync::Weak;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::PoolInner;
 use super::call::{Checkout, outcome_for};
@@ -20,7 +20,7 @@ use crate::route::Route;
 
 /// Shortest sleep between rounds, so a half-open breaker whose trial slots are all taken by
 /// user calls does not make the task spin.
-const MIN_WAIT: Duration = Duration::from_millis(10);
+const MIN_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub(crate) struct Probes {
@@ -58,7 +58,9 @@ impl<DB: Backend> PoolInner<DB> {
             return;
         }
         for index in 0..self.endpoints.len() {
-            runtime.spawn(probe_loop(self.me.clone(), index, probes.stop.subscribe()));
+            let wakeup = self.endpoints[index].wakeup.clone();
+            let stop = probes.stop.subscribe();
+            runtime.spawn(probe_loop(self.me.clone(), index, wakeup, stop));
         }
     }
 
@@ -72,12 +74,10 @@ impl<DB: Backend> PoolInner<DB> {
         }
         for (route, breaker) in endpoint.breakers() {
             while breaker.time_until_trial() == Some(Duration::ZERO) {
-                let Ok(permit) = breaker.try_acquire() else {
-                    break; // every trial slot is taken by user calls
+                // None: every trial slot is taken by user calls, or the breaker moved on.
+                let Some(permit) = breaker.try_acquire_trial() else {
+                    break;
                 };
-                if !permit.is_trial() {
-                    break; // closed meanwhile
-                }
                 let started = Instant::now();
                 let outcome = self.ping(endpoint, route).await;
                 permit.record(outcome, started.elapsed());
@@ -146,6 +146,7 @@ impl<DB: Backend> PoolInner<DB> {
 async fn probe_loop<DB: Backend>(
     pool: Weak<PoolInner<DB>>,
     index: usize,
+    wakeup: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next_lag_check = Instant::now();
@@ -161,6 +162,8 @@ async fn probe_loop<DB: Backend>(
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            // A breaker of this endpoint opened: its open duration sets the next round.
+            () = wakeup.notified() => {}
             // A stop, or the pool dropped its sender.
             _ = stop.changed() => return,
         }
