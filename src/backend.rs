@@ -84,13 +84,15 @@ impl Backend for Postgres {
         connection: &mut Self::Connection,
     ) -> Result<Option<Duration>, sqlx::Error> {
         // Caught up (everything received is replayed) means no lag, however old the last
-        // replayed transaction is: an idle primary sends nothing new.
+        // replayed transaction is: an idle primary sends nothing new. Behind with nothing
+        // replayed since the server started, its data is at least as old as its start.
         let lag: Option<f64> = sqlx::query_scalar(
             "SELECT CASE
                  WHEN NOT pg_is_in_recovery() THEN NULL
                  WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
                      THEN 0
-                 ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)
+                 ELSE EXTRACT(EPOCH FROM now() - COALESCE(
+                     pg_last_xact_replay_timestamp(), pg_postmaster_start_time()))
              END::float8",
         )
         .fetch_one(&mut *connection)

@@ -1,6 +1,8 @@
 //! The deadpool manager: opens sqlx connections and decides which may be handed out again.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
@@ -18,10 +20,17 @@ pub(crate) struct PooledConnection<DB: Backend> {
     /// It saw a connection-class error.
     pub(crate) broken: bool,
     expires_at: Option<Instant>,
+    /// The endpoint's connection-loss count when this connection was last known good.
+    checked_at_loss: u64,
 }
 
 pub(crate) struct ConnectionManager<DB: Backend> {
     options: <DB::Connection as Connection>::Options,
+    /// How many times a connection of this endpoint was lost. When a connection dies, its
+    /// siblings opened to the same server process very likely died with it (a crash, a
+    /// restart, a failover): every connection older than the loss is pinged before it is
+    /// handed out again.
+    losses: Arc<AtomicU64>,
     connect_timeout: Duration,
     max_lifetime: Option<Duration>,
     max_lifetime_jitter: f64,
@@ -35,11 +44,17 @@ impl<DB: Backend> ConnectionManager<DB> {
     ) -> Self {
         Self {
             options,
+            losses: Arc::new(AtomicU64::new(0)),
             connect_timeout: settings.connect_timeout,
             max_lifetime: settings.max_lifetime,
             max_lifetime_jitter: settings.max_lifetime_jitter,
             idle_check_after: settings.idle_check_after,
         }
+    }
+
+    /// Counts a lost connection.
+    pub(crate) fn connection_lost(&self) {
+        self.losses.fetch_add(1, Ordering::Relaxed);
     }
 
     fn lifetime(&self) -> Option<Duration> {
@@ -69,6 +84,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             busy: false,
             broken: false,
             expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
+            checked_at_loss: self.losses.load(Ordering::Relaxed),
         })
     }
 
@@ -88,8 +104,10 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         if connection.expires_at.is_some_and(|at| Instant::now() >= at) {
             return Err(RecycleError::message("reached its max lifetime"));
         }
-        if metrics.last_used() >= self.idle_check_after {
+        let losses = self.losses.load(Ordering::Relaxed);
+        if connection.checked_at_loss != losses || metrics.last_used() >= self.idle_check_after {
             connection.raw.ping().await.map_err(RecycleError::Backend)?;
+            connection.checked_at_loss = losses;
         }
         Ok(())
     }

@@ -146,8 +146,19 @@ impl<DB: Backend> Endpoint<DB> {
         self.pool.get().await
     }
 
-    /// Closes a connection instead of returning it to the pool.
+    /// A new connection could not be made: the idle ones are suspect too.
+    pub(crate) fn connection_lost(&self) {
+        self.pool.manager().connection_lost();
+    }
+
+    /// Closes a connection instead of returning it to the pool. One that was lost makes the
+    /// pool check its siblings before handing them out.
     pub(crate) fn discard(connection: Connection<DB>) {
+        if connection.broken {
+            if let Some(pool) = Object::pool(&connection) {
+                pool.manager().connection_lost();
+            }
+        }
         drop(Object::take(connection));
     }
 

@@ -186,6 +186,9 @@ impl<DB: Backend> PoolInner<DB> {
                         sqlx::Error::Protocol(format!("connection pool: {other}")),
                     ),
                 };
+                if class == ErrorClass::Connection {
+                    endpoint.connection_lost();
+                }
                 permit.record(outcome_for(class, route), started.elapsed());
                 let next = if class.counts_as_failure(route) {
                     Next::TryAnother
