@@ -48,9 +48,10 @@ enum WindowKind {
     },
 }
 
-/// One thread's counters. Aligned to 128 bytes: adjacent-line prefetch pairs 64-byte lines.
+/// One thread's counters. Aligned to 256 bytes: with 128 the two-thread bench showed
+/// neighbouring stripes still slowing each other (the prefetchers pull in adjacent lines).
 #[derive(Debug)]
-#[repr(align(128))]
+#[repr(align(256))]
 struct Stripe {
     /// Non-ignored outcomes recorded here outside the count window. Outcomes that go into the
     /// count window are counted by `ring_position` alone, so the hot path increments one

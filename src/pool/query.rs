@@ -54,8 +54,8 @@ impl<DB: Database> IntoArguments<DB> for Bound<DB> {
     }
 }
 
-/// A sqlx query builder the pool can run: [`sqlx::query`], [`sqlx::query_as`],
-/// [`sqlx::query_scalar`] and their `_with` forms.
+/// A sqlx query builder the pool can run: [`sqlx::query()`], [`sqlx::query_as()`],
+/// [`sqlx::query_scalar()`] and their `_with` forms.
 pub trait RoutableQuery<DB: Backend>: Send + Sized {
     /// What one result row becomes.
     type Output: Send + Unpin + 'static;
