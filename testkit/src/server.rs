@@ -14,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
 use crate::bins::{self, RunAs};
+use crate::container::{self, Backend, Container};
 use crate::error::{HarnessError, Result};
 use crate::procs;
 use crate::template;
@@ -98,8 +99,22 @@ impl PgServerBuilder {
         self
     }
 
-    /// Creates and starts the server.
+    /// The options, for the container backend.
+    pub(crate) fn options(&self) -> (Option<u32>, bool, &[(String, String)], Duration) {
+        (
+            self.max_connections,
+            self.password_auth,
+            &self.settings,
+            self.start_timeout,
+        )
+    }
+
+    /// Creates and starts the server, on the backend `$PGTESTKIT_BACKEND`
+    /// selects (see [`Backend::selected`]).
     pub async fn start(self) -> Result<PgServer> {
+        if let (Backend::Container, explicit) = container::selection()? {
+            return container::start(self, explicit).await;
+        }
         let password_auth = self.password_auth;
         let mut server = PgServer::prepare(self).await?;
         server.init_from_template().await?;
@@ -141,6 +156,8 @@ pub struct PgServer {
     paused: AtomicBool,
     /// The postmaster, when this process started it: kept to reap it.
     postmaster: Mutex<Option<Child>>,
+    /// The container, on the container backend (then most methods delegate).
+    container: Option<Container>,
 }
 
 /// Why one attempt to start the postmaster failed.
@@ -169,6 +186,9 @@ impl PgServer {
     pub async fn streaming_replica(primary: &PgServer) -> Result<PgServer> {
         if !primary.is_running() {
             return Err(HarnessError::NotRunning);
+        }
+        if let Some(c) = &primary.container {
+            return container::streaming_replica(primary, c).await;
         }
         let mut replica = PgServer::prepare(primary.config.clone()).await?;
         let mut cmd = replica.command("pg_basebackup");
@@ -242,7 +262,66 @@ impl PgServer {
             config,
             paused: AtomicBool::new(false),
             postmaster: Mutex::new(None),
+            container: None,
         })
+    }
+
+    /// A server's directory, for the container backend: `root_dir`, and in
+    /// it the socket dir (created) and the log path.
+    pub(crate) fn container_dirs(run_as: RunAs) -> Result<(TempDir, PathBuf, PathBuf)> {
+        sweep_orphans();
+        let root = make_root_dir(run_as, DIR_PREFIX)?;
+        let base = root
+            .path()
+            .canonicalize()
+            .map_err(|e| HarnessError::io("resolving the temp dir", e))?;
+        let socket_dir = base.join("sock");
+        std::fs::create_dir(&socket_dir)
+            .map_err(|e| HarnessError::io(format!("creating {}", socket_dir.display()), e))?;
+        Ok((root, socket_dir, base.join("postgres.log")))
+    }
+
+    /// Wraps a started container (see [`crate::container`]) in a server, with
+    /// the directory from [`container_dirs`](Self::container_dirs) and the
+    /// published port.
+    pub(crate) fn for_container(
+        config: PgServerBuilder,
+        root: TempDir,
+        port: u16,
+        bin_dir: PathBuf,
+        run_as: RunAs,
+        container: Container,
+    ) -> PgServer {
+        let base = root
+            .path()
+            .canonicalize()
+            .unwrap_or_else(|_| root.path().to_owned());
+        PgServer {
+            data_dir: base.join("data"),
+            log_path: base.join("postgres.log"),
+            socket_dir: base.join("sock"),
+            root,
+            port,
+            bin_dir,
+            run_as,
+            config,
+            paused: AtomicBool::new(false),
+            postmaster: Mutex::new(None),
+            container: Some(container),
+        }
+    }
+
+    /// The container, on the container backend.
+    pub(crate) fn container_backend(&self) -> Option<&Container> {
+        self.container.as_ref()
+    }
+
+    /// Where this server runs.
+    pub fn backend(&self) -> Backend {
+        match self.container {
+            Some(_) => Backend::Container,
+            None => Backend::Local,
+        }
     }
 
     /// Creates the data dir from the process's `initdb` template.
@@ -291,27 +370,45 @@ impl PgServer {
     }
 
     /// The data directory.
+    ///
+    /// On the container backend it is inside the container
+    /// (`/var/lib/postgresql/data`); this is then `data` in
+    /// [`root_dir`](Self::root_dir), a path that does not exist.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
     /// The directory holding the server's unix socket.
+    ///
+    /// On the container backend, a directory of this machine mounted into the
+    /// container, where PostgreSQL makes a second socket: `.s.PGSQL.5432`, for
+    /// the port inside the container.
     pub fn socket_dir(&self) -> &Path {
         &self.socket_dir
     }
 
     /// The temp dir holding the data dir, the socket dir and the log.
+    ///
+    /// On the container backend it is on this machine and holds the socket
+    /// dir and the log copy; it is removed on drop all the same.
     pub fn root_dir(&self) -> &Path {
         self.root.path()
     }
 
     /// The server log (the postmaster's stderr).
+    ///
+    /// On the container backend, a copy of the container's log (`docker
+    /// logs`, stdout and stderr) that the harness appends to as it is written.
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
 
-    /// The last `n` lines of the server log (empty if there is none yet).
+    /// The last `n` lines of the server log (empty if there is none yet);
+    /// on the container backend, of `docker logs`.
     pub fn log_tail(&self, n: usize) -> String {
+        if let Some(c) = &self.container {
+            return c.log_tail(n);
+        }
         let Ok(bytes) = std::fs::read(&self.log_path) else {
             return String::new();
         };
@@ -321,6 +418,10 @@ impl PgServer {
     }
 
     /// The directory of the PostgreSQL binaries in use.
+    ///
+    /// On the container backend, those of this machine if found (its `psql`
+    /// is the client the harness uses), else an empty path (so
+    /// [`command`](Self::command) looks programs up in `PATH`).
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
     }
@@ -337,19 +438,31 @@ impl PgServer {
 
     /// The postmaster's pid, read from `postmaster.pid`; `None` unless the
     /// server is running (a paused server is running).
+    ///
+    /// On the container backend, the pid of the container's main process (the
+    /// postmaster) on the Docker host, as the engine reports it.
     pub fn pid(&self) -> Option<u32> {
+        if let Some(c) = &self.container {
+            return c.pid();
+        }
         let pid = procs::read_pid_file(&self.data_dir)?.pid?;
         self.is_our_postmaster(pid).then_some(pid)
     }
 
     /// Whether the postmaster is alive (paused counts as alive).
     pub fn is_running(&self) -> bool {
+        if let Some(c) = &self.container {
+            return c.is_running();
+        }
         self.pid().is_some()
     }
 
     /// Whether [`pause`](Self::pause) was called without a matching
     /// [`resume`](Self::resume) (or stop, kill, restart) since.
     pub fn is_paused(&self) -> bool {
+        if let Some(c) = &self.container {
+            return c.is_paused();
+        }
         self.paused.load(Ordering::SeqCst)
     }
 
@@ -384,6 +497,9 @@ impl PgServer {
     /// a stale `postmaster.pid` that would stop PostgreSQL from starting is
     /// removed. Fails with [`HarnessError::AlreadyRunning`] if it runs.
     pub async fn start_again(&self) -> Result<()> {
+        if let Some(c) = &self.container {
+            return c.start_again(self).await;
+        }
         if self.is_running() {
             return Err(HarnessError::AlreadyRunning);
         }
@@ -419,13 +535,13 @@ impl PgServer {
         let stale = |pid: u32| {
             procs::is_zombie(pid) || (procs::is_alive(pid) && !self.is_our_postmaster(pid))
         };
-        if let Some(pf) = procs::read_pid_file(&self.data_dir) {
-            if let Some(pid) = pf.pid.filter(|&pid| stale(pid)) {
-                if let Some(shmid) = pf.shmid {
-                    procs::remove_stale_shmem(pid, shmid);
-                }
-                let _ = std::fs::remove_file(self.data_dir.join("postmaster.pid"));
+        if let Some(pf) = procs::read_pid_file(&self.data_dir)
+            && let Some(pid) = pf.pid.filter(|&pid| stale(pid))
+        {
+            if let Some(shmid) = pf.shmid {
+                procs::remove_stale_shmem(pid, shmid);
             }
+            let _ = std::fs::remove_file(self.data_dir.join("postmaster.pid"));
         }
         let socket = self.socket_dir.join(format!(".s.PGSQL.{}", self.port));
         let lock = self.socket_dir.join(format!(".s.PGSQL.{}.lock", self.port));
@@ -542,10 +658,10 @@ impl PgServer {
     /// Reaps the postmaster if this process started it and it has exited.
     fn reap(&self) {
         let mut slot = self.postmaster.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(child) = slot.as_mut() {
-            if !matches!(child.try_wait(), Ok(None)) {
-                *slot = None;
-            }
+        if let Some(child) = slot.as_mut()
+            && !matches!(child.try_wait(), Ok(None))
+        {
+            *slot = None;
         }
     }
 
@@ -626,6 +742,9 @@ impl PgServer {
     /// and waits until they are gone. The server stops answering; the data
     /// dir stays, so [`start_again`](Self::start_again) brings it back.
     pub async fn kill9(&self) -> Result<()> {
+        if let Some(c) = &self.container {
+            return c.kill9().await;
+        }
         let pm = self.pid().ok_or(HarnessError::NotRunning)?;
         // Freeze it first so it cannot fork anything new while we look.
         let _ = procs::signal(pm, Signal::STOP);
@@ -660,6 +779,9 @@ impl PgServer {
     }
 
     async fn stop(&self, mode: &str) -> Result<()> {
+        if let Some(c) = &self.container {
+            return c.stop(mode).await;
+        }
         let Some(pm) = self.pid() else {
             return Ok(());
         };
@@ -692,6 +814,9 @@ impl PgServer {
     /// new connections and established ones hang. Undo with
     /// [`resume`](Self::resume); stopping, killing and dropping resume first.
     pub fn pause(&self) -> Result<()> {
+        if let Some(c) = &self.container {
+            return c.pause();
+        }
         let pm = self.pid().ok_or(HarnessError::NotRunning)?;
         // The postmaster first: once stopped it forks no new children.
         procs::signal(pm, Signal::STOP)
@@ -714,6 +839,9 @@ impl PgServer {
 
     /// SIGCONTs the postmaster and all its children.
     pub fn resume(&self) -> Result<()> {
+        if let Some(c) = &self.container {
+            return c.resume();
+        }
         let pm = self.pid().ok_or(HarnessError::NotRunning)?;
         let mut all = procs::descendants(pm);
         all.push(pm);
@@ -725,7 +853,9 @@ impl PgServer {
     // ---- admin ---------------------------------------------------------------
 
     /// Runs `sql` (one or more statements) through `psql` as the superuser in
-    /// database `postgres`, over the unix socket, and returns its stdout with
+    /// database `postgres`, over the unix socket (on the container backend:
+    /// the one in [`socket_dir`](Self::socket_dir), or with `docker exec` when
+    /// this machine has no `psql`), and returns its stdout with
     /// the trailing newline removed: unaligned, tuples only, quiet, so
     /// `psql("SELECT 1, 2")` is `"1|2"`. Stops at the first error, which
     /// becomes [`HarnessError::CommandFailed`] holding psql's stderr.
@@ -735,10 +865,15 @@ impl PgServer {
 
     /// Like [`psql`](Self::psql), in database `db`.
     pub async fn psql_db(&self, db: &str, sql: &str) -> Result<String> {
+        let port = match &self.container {
+            Some(c) if !c.local_psql() => return c.psql_exec(db, sql).await,
+            Some(_) => container::CONTAINER_PORT,
+            None => self.port,
+        };
         let conninfo = format!(
             "host={} port={} user=postgres dbname={}",
             conninfo_quote(&self.socket_dir.to_string_lossy()),
-            self.port,
+            port,
             conninfo_quote(db)
         );
         let mut cmd = self.command("psql");
@@ -795,14 +930,16 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        if let Some(pf) = procs::read_pid_file(&self.data_dir) {
-            if let Some(pm) = pf.pid {
-                if self.is_our_postmaster(pm) {
-                    procs::shutdown_immediate_blocking(pm);
-                } else if let Some(shmid) = pf.shmid {
-                    // Killed with SIGKILL and not started again.
-                    procs::remove_stale_shmem(pm, shmid);
-                }
+        // Removes the container (unpausing it first), waiting for that.
+        drop(self.container.take());
+        if let Some(pf) = procs::read_pid_file(&self.data_dir)
+            && let Some(pm) = pf.pid
+        {
+            if self.is_our_postmaster(pm) {
+                procs::shutdown_immediate_blocking(pm);
+            } else if let Some(shmid) = pf.shmid {
+                // Killed with SIGKILL and not started again.
+                procs::remove_stale_shmem(pm, shmid);
             }
         }
         self.reap();
@@ -959,15 +1096,15 @@ fn sweep_orphans() {
                 continue;
             };
             let data = dir.join("data");
-            if let Some(pf) = procs::read_pid_file(&data) {
-                if let Some(pm) = pf.pid {
-                    let ours = procs::is_alive(pm)
-                        && std::fs::read_link(format!("/proc/{pm}/cwd")).is_ok_and(|c| c == data);
-                    if ours {
-                        procs::shutdown_immediate_blocking(pm);
-                    } else if let Some(shmid) = pf.shmid {
-                        procs::remove_stale_shmem(pm, shmid);
-                    }
+            if let Some(pf) = procs::read_pid_file(&data)
+                && let Some(pm) = pf.pid
+            {
+                let ours = procs::is_alive(pm)
+                    && std::fs::read_link(format!("/proc/{pm}/cwd")).is_ok_and(|c| c == data);
+                if ours {
+                    procs::shutdown_immediate_blocking(pm);
+                } else if let Some(shmid) = pf.shmid {
+                    procs::remove_stale_shmem(pm, shmid);
                 }
             }
             let _ = std::fs::remove_dir_all(&dir);
@@ -982,7 +1119,7 @@ fn sweep_orphans() {
 /// handled by retrying on a new port.
 static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-fn reserve_port() -> Result<u16> {
+pub(crate) fn reserve_port() -> Result<u16> {
     for _ in 0..100 {
         let listener = std::net::TcpListener::bind((HOST, 0))
             .map_err(|e| HarnessError::io("finding a free port", e))?;
@@ -1001,7 +1138,7 @@ fn reserve_port() -> Result<u16> {
     ))
 }
 
-fn release_port(port: u16) {
+pub(crate) fn release_port(port: u16) {
     PORTS
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use protected_pool_testkit::{APP_PASSWORD, APP_USER, HarnessError, PgServer};
+use protected_pool_testkit::{APP_PASSWORD, APP_USER, Backend, HarnessError, PgServer};
 
 /// Runs `sql` with psql over TCP at `url` (not the unix socket the admin
 /// helpers use), with `PGPASSWORD` if given and never prompting.
@@ -79,9 +79,23 @@ async fn two_servers_start_in_parallel_on_distinct_ports() {
         assert!(pg.log_path().exists());
         assert!(!pg.log_tail(5).is_empty());
     }
-    assert_eq!(a.psql("SHOW listen_addresses").await.unwrap(), "127.0.0.1");
+    // A local postmaster listens on 127.0.0.1 only. In a container PostgreSQL must listen on
+    // the container's interface; there the port is published on 127.0.0.1 of the host instead.
+    let listening_on = match a.backend() {
+        Backend::Local => "127.0.0.1",
+        _ => "*",
+    };
+    assert_eq!(a.psql("SHOW listen_addresses").await.unwrap(), listening_on);
     assert_eq!(a.psql("SHOW fsync").await.unwrap(), "off");
     assert_eq!(a.psql("SHOW wal_level").await.unwrap(), "replica");
+}
+
+#[tokio::test]
+async fn servers_run_on_the_selected_backend() {
+    let pg = PgServer::start().await.unwrap();
+    assert_eq!(pg.backend(), Backend::selected().unwrap());
+    let replica = PgServer::streaming_replica(&pg).await.unwrap();
+    assert_eq!(replica.backend(), pg.backend());
 }
 
 #[tokio::test]
@@ -300,7 +314,10 @@ async fn drop_stops_the_server_and_removes_its_dir() {
     let root: PathBuf = pg.root_dir().to_owned();
     let pid = pg.pid().unwrap();
     let url = pg.url();
-    assert!(root.join("data/PG_VERSION").exists());
+    // Inherently local: on the container backend the data dir is inside the container.
+    if pg.backend() == Backend::Local {
+        assert!(root.join("data/PG_VERSION").exists());
+    }
     drop(pg);
     assert!(!root.exists(), "{} is still there", root.display());
     assert!(!alive(pid), "postmaster {pid} survived the drop");
