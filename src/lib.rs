@@ -7,6 +7,7 @@ pub mod breaker;
 mod classify;
 mod endpoint;
 mod error;
+mod health;
 mod pool;
 mod route;
 mod router;
@@ -15,6 +16,7 @@ pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use endpoint::{EndpointOptions, PoolStatus, Role};
 pub use error::{Attempt, Error, Result};
+pub use health::{EndpointHealth, HealthReport, HealthStatus, RouteHealth};
 pub use pool::{
     PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture, RoutableQuery, Routed, Statement,
 };

@@ -21,6 +21,7 @@ use crate::breaker::CircuitBreaker;
 use crate::classify::Classifier;
 use crate::endpoint::{Endpoint, PoolStatus, Role};
 use crate::error::{Error, Result};
+use crate::health::{EndpointHealth, HealthReport, RouteHealth};
 use crate::route::{Route, RouteConfig};
 use crate::router::Router;
 use events::PoolListeners;
@@ -236,6 +237,32 @@ impl<DB: Backend> ProtectedPool<DB> {
         for endpoint in &self.inner.endpoints {
             endpoint.close();
         }
+    }
+
+    /// Every breaker's and endpoint's state, with an overall verdict, for a `/health`
+    /// endpoint or a dashboard. Holds no URL and no credential.
+    pub fn health(&self) -> HealthReport {
+        let endpoints = self.inner.endpoints.iter().map(|endpoint| {
+            let replica_lag = endpoint.lag();
+            let lagging = endpoint.role == Role::Replica
+                && matches!(
+                    (replica_lag, self.inner.max_replica_lag),
+                    (Some(lag), Some(max)) if lag > max
+                );
+            let breakers = endpoint
+                .breakers()
+                .map(|(route, breaker)| RouteHealth::new(route, breaker.snapshot()))
+                .collect();
+            EndpointHealth::new(
+                endpoint.name.clone(),
+                endpoint.role,
+                endpoint.status(),
+                replica_lag,
+                lagging,
+                breakers,
+            )
+        });
+        HealthReport::new(endpoints.collect())
     }
 
     fn endpoint(&self, name: &str) -> Result<&Endpoint<DB>> {
