@@ -974,32 +974,12 @@ pub(crate) async fn start(config: PgServerBuilder, explicit: bool) -> Result<PgS
 /// answers queries, and streams.
 pub(crate) async fn streaming_replica(primary: &PgServer, of: &Container) -> Result<PgServer> {
     let replica = launch(of.config.clone(), Some(of.name.clone())).await?;
-    let deadline = Instant::now() + of.start_timeout;
-    loop {
-        let state = replica
-            .psql(
-                "SELECT pg_is_in_recovery()::text || ',' || \
-                 (SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming')",
-            )
-            .await;
-        if let Ok("true,1") = state.as_deref() {
-            return Ok(replica);
-        }
-        if Instant::now() >= deadline {
-            return Err(HarnessError::Timeout {
-                what: format!(
-                    "the replica on port {} to be in recovery and streaming from port {} \
-                     (last check: {state:?}; the image's entrypoint must honour \
-                     REPLICATE_FROM, as the one .ci/postgres-image.sh builds does)",
-                    replica.port(),
-                    primary.port()
-                ),
-                after: of.start_timeout,
-                log_tail: replica.log_tail(ERROR_LOG_LINES),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let hint = "; the image's entrypoint must honour REPLICATE_FROM, as the one \
+                .ci/postgres-image.sh builds does";
+    replica
+        .wait_until_streaming(primary.port(), of.start_timeout, hint)
+        .await?;
+    Ok(replica)
 }
 
 /// Creates the container on a free port (moving to another on a clash),

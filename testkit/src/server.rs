@@ -208,26 +208,41 @@ impl PgServer {
         run_checked(cmd, "pg_basebackup", Duration::from_secs(300)).await?;
         replica.start_fresh().await?;
 
-        let deadline = Instant::now() + replica.config.start_timeout;
+        let timeout = replica.config.start_timeout;
+        replica
+            .wait_until_streaming(primary.port, timeout, "")
+            .await?;
+        Ok(replica)
+    }
+
+    /// Waits until this server is a hot standby that answers queries and streams from the
+    /// primary on `primary_port`; `hint` ends the timeout message (what else to check).
+    pub(crate) async fn wait_until_streaming(
+        &self,
+        primary_port: u16,
+        timeout: Duration,
+        hint: &str,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
-            let state = replica
+            let state = self
                 .psql(
                     "SELECT pg_is_in_recovery()::text || ',' || \
                      (SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming')",
                 )
                 .await;
             if let Ok("true,1") = state.as_deref() {
-                return Ok(replica);
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(HarnessError::Timeout {
                     what: format!(
-                        "the replica on port {} to be in recovery and streaming from port {} \
-                         (last check: {state:?})",
-                        replica.port, primary.port
+                        "the replica on port {} to be in recovery and streaming from port \
+                         {primary_port} (last check: {state:?}{hint})",
+                        self.port()
                     ),
-                    after: replica.config.start_timeout,
-                    log_tail: replica.log_tail(ERROR_LOG_LINES),
+                    after: timeout,
+                    log_tail: self.log_tail(ERROR_LOG_LINES),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
