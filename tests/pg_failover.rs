@@ -10,16 +10,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
 use protected_pool::breaker::{
     BreakerConfig, OpenDuration, SlidingWindow, State, TransitionReason,
 };
 use protected_pool::{
-    EndpointOptions, Error, ErrorClass, PoolBuilder, PoolStateChange, Postgres, ProtectedPool,
-    ReadPreference, Route,
+    EndpointOptions, Error, ErrorClass, PoolBuilder, Postgres, ProtectedPool, ReadPreference, Route,
 };
 use protected_pool_testkit::{FaultMode, FaultProxy, PgServer};
+
+#[path = "support/changes.rs"]
+mod changes;
+use changes::Changes;
 
 /// A call the breaker refuses must come back at once; 50 ms is far above the microseconds it
 /// takes, so only a call that reached for the network would fail it.
@@ -48,74 +49,6 @@ fn quick(preset: BreakerConfig) -> BreakerConfig {
             jitter: 0.0,
         },
         ..preset
-    }
-}
-
-/// Every state change of every breaker of a pool, in order.
-#[derive(Clone)]
-struct Changes {
-    seen: Arc<Mutex<Vec<PoolStateChange>>>,
-    /// Bumped on every change, to wait for one without polling.
-    count: watch::Sender<usize>,
-}
-
-impl Default for Changes {
-    fn default() -> Self {
-        Self {
-            seen: Arc::default(),
-            count: watch::Sender::new(0),
-        }
-    }
-}
-
-impl Changes {
-    fn listener(&self) -> impl Fn(&PoolStateChange) + Send + Sync + 'static {
-        let (seen, count) = (self.seen.clone(), self.count.clone());
-        move |change| {
-            seen.lock().unwrap().push(change.clone());
-            count.send_modify(|n| *n += 1);
-        }
-    }
-
-    fn all(&self) -> Vec<PoolStateChange> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn describe(&self) -> Vec<String> {
-        self.all().iter().map(ToString::to_string).collect()
-    }
-
-    /// The changes of the breaker of `route` on `endpoint`.
-    fn on(&self, endpoint: &str, route: Route) -> Vec<PoolStateChange> {
-        self.all()
-            .into_iter()
-            .filter(|c| &*c.endpoint == endpoint && c.route == route)
-            .inspect(|c| assert_eq!(&*c.change.breaker, format!("{endpoint}/{route}"), "{c}"))
-            .collect()
-    }
-
-    /// (from, to) of the transitions of the breaker of `route` on `endpoint`.
-    fn of(&self, endpoint: &str, route: Route) -> Vec<(State, State)> {
-        self.on(endpoint, route)
-            .iter()
-            .map(|c| (c.change.from, c.change.to))
-            .collect()
-    }
-
-    /// Waits until `done` holds for the changes seen so far, failing after `limit`.
-    async fn wait_until(&self, limit: Duration, what: &str, done: impl Fn(&Changes) -> bool) {
-        let mut count = self.count.subscribe();
-        let waited = tokio::time::timeout(limit, async {
-            while !done(self) {
-                count.changed().await.expect("the sender lives in self");
-            }
-        })
-        .await;
-        assert!(
-            waited.is_ok(),
-            "after {limit:?}, still not {what}; changes: {:#?}",
-            self.describe()
-        );
     }
 }
 

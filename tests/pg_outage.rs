@@ -7,17 +7,18 @@
 //! waits out open durations.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use std::time::{Duration, Instant};
 
 use protected_pool::breaker::{BreakerConfig, OpenDuration, State, TransitionReason};
 use protected_pool::{
-    EndpointOptions, Error, ErrorClass, PoolBuilder, PoolStateChange, Postgres, ProtectedPool,
-    Route,
+    EndpointOptions, Error, ErrorClass, PoolBuilder, Postgres, ProtectedPool, Route,
 };
 use protected_pool_testkit::PgServer;
+
+#[path = "support/changes.rs"]
+mod changes;
+use changes::Changes;
 
 /// A call the breaker refuses must come back at once; 50 ms is far above the microseconds it
 /// takes, so only a call that reached for the network would fail it.
@@ -50,70 +51,6 @@ fn consecutive_threshold(route: Route) -> u32 {
         Route::Auth => BreakerConfig::auth(),
     };
     preset.consecutive_failures.expect("every preset has one")
-}
-
-/// Every state change of every breaker of a pool, in order.
-#[derive(Clone)]
-struct Changes {
-    seen: Arc<Mutex<Vec<PoolStateChange>>>,
-    /// Bumped on every change, to wait for one without polling.
-    count: watch::Sender<usize>,
-}
-
-impl Default for Changes {
-    fn default() -> Self {
-        Self {
-            seen: Arc::default(),
-            count: watch::Sender::new(0),
-        }
-    }
-}
-
-impl Changes {
-    fn listener(&self) -> impl Fn(&PoolStateChange) + Send + Sync + 'static {
-        let (seen, count) = (self.seen.clone(), self.count.clone());
-        move |change| {
-            seen.lock().unwrap().push(change.clone());
-            count.send_modify(|n| *n += 1);
-        }
-    }
-
-    fn all(&self) -> Vec<PoolStateChange> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits until `done` holds for the changes seen so far, failing after `limit`.
-    async fn wait_until(&self, limit: Duration, what: &str, done: impl Fn(&Changes) -> bool) {
-        let mut count = self.count.subscribe();
-        let waited = tokio::time::timeout(limit, async {
-            while !done(self) {
-                count.changed().await.expect("the sender lives in self");
-            }
-        })
-        .await;
-        assert!(
-            waited.is_ok(),
-            "after {limit:?}, still not {what}; changes: {:#?}",
-            self.all()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        );
-    }
-
-    /// (from, to) of the transitions of `route`'s breaker, checking each is tagged with the
-    /// route and the endpoint `primary`.
-    fn of(&self, route: Route) -> Vec<(State, State)> {
-        self.all()
-            .into_iter()
-            .filter(|c| c.route == route)
-            .map(|c| {
-                assert_eq!(&*c.endpoint, "primary", "{c}");
-                assert_eq!(&*c.change.breaker, format!("primary/{route}"), "{c}");
-                (c.change.from, c.change.to)
-            })
-            .collect()
-    }
 }
 
 /// Awaits `call`, failing the test instead of hanging if it takes longer than [`HANG_GUARD`];
@@ -261,7 +198,7 @@ async fn kill_and_trip_every_route(pg: &PgServer, pool: &ProtectedPool, changes:
             "{route}: failures before opening"
         );
         assert_eq!(
-            changes.of(route).first(),
+            changes.of("primary", route).first(),
             Some(&(State::Closed, State::Open)),
             "{route}"
         );
@@ -299,7 +236,11 @@ async fn killed_server_opens_every_route_breaker_rejects_fast_and_recovers() {
 
     kill_and_trip_every_route(&pg, &pool, &changes).await;
     for route in Route::ALL {
-        assert_eq!(changes.of(route), [(State::Closed, State::Open)], "{route}");
+        assert_eq!(
+            changes.of("primary", route),
+            [(State::Closed, State::Open)],
+            "{route}"
+        );
     }
 
     // While open: every call is refused at once, with a retry time.
@@ -329,7 +270,7 @@ async fn killed_server_opens_every_route_breaker_rejects_fast_and_recovers() {
         }
         assert_eq!(breaker.state(), State::Closed, "{route}");
         assert_eq!(
-            changes.of(route),
+            changes.of("primary", route),
             [
                 (State::Closed, State::Open),
                 (State::Open, State::HalfOpen),
@@ -367,9 +308,9 @@ async fn recovery_probes_close_the_breakers_of_a_restarted_server_without_user_c
     // server is down their trials fail and the breakers re-open, with backoff.
     pg.start_again().await.expect("start again");
     let closed = |changes: &Changes| {
-        Route::ALL
-            .into_iter()
-            .all(|route| changes.of(route).last() == Some(&(State::HalfOpen, State::Closed)))
+        Route::ALL.into_iter().all(|route| {
+            changes.of("primary", route).last() == Some(&(State::HalfOpen, State::Closed))
+        })
     };
     changes
         .wait_until(Duration::from_secs(10), "closed by the probes", closed)
@@ -381,7 +322,7 @@ async fn recovery_probes_close_the_breakers_of_a_restarted_server_without_user_c
         "probes counted as refusals"
     );
     for route in Route::ALL {
-        let transitions = changes.of(route);
+        let transitions = changes.of("primary", route);
         // Open, then any number of failed trials, then the trials that closed it.
         assert_eq!(transitions[0], (State::Closed, State::Open), "{route}");
         for pair in transitions[1..].chunks(2) {
@@ -517,7 +458,7 @@ async fn stopped_server_fails_writes_within_the_connect_timeout_then_fast() {
         "{outcome_unknown} writes of unknown outcome"
     );
     assert_eq!(
-        changes.of(Route::Write),
+        changes.of("primary", Route::Write),
         [(State::Closed, State::Open)],
         "{:?}",
         changes.all()
@@ -596,7 +537,10 @@ async fn hung_server_times_reads_out_opens_the_read_breaker_and_recovers() {
         };
         assert_eq!(breaker.state(), expected, "after attempt {attempt}");
     }
-    assert_eq!(changes.of(Route::Read), [(State::Closed, State::Open)]);
+    assert_eq!(
+        changes.of("primary", Route::Read),
+        [(State::Closed, State::Open)]
+    );
     for _ in 0..5 {
         let (result, elapsed) = timed(call(&pool, Route::Read)).await;
         assert_rejected(result, elapsed, Route::Read);
@@ -611,7 +555,7 @@ async fn hung_server_times_reads_out_opens_the_read_breaker_and_recovers() {
     }
     assert_eq!(breaker.state(), State::Closed);
     assert_eq!(
-        changes.of(Route::Read),
+        changes.of("primary", Route::Read),
         [
             (State::Closed, State::Open),
             (State::Open, State::HalfOpen),
