@@ -17,6 +17,9 @@ mod sealed {
 pub trait Backend:
     Database<Arguments: Clone + Sync> + sqlx::database::HasStatementCache + sealed::Sealed
 {
+    /// The database's name in traces (OpenTelemetry `db.system`): `postgresql`, `sqlite`.
+    const SYSTEM: &'static str;
+
     /// The executor a query runs on: a mutable connection.
     type Executor<'c>: Executor<'c, Database = Self>
     where
@@ -43,6 +46,7 @@ pub trait Backend:
 }
 
 impl Backend for Postgres {
+    const SYSTEM: &'static str = "postgresql";
     type Executor<'c> = &'c mut sqlx::PgConnection;
 
     fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {
@@ -102,6 +106,7 @@ impl Backend for Postgres {
 }
 
 impl Backend for Sqlite {
+    const SYSTEM: &'static str = "sqlite";
     type Executor<'c> = &'c mut sqlx::SqliteConnection;
 
     fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {

@@ -174,6 +174,24 @@ impl Error {
         }
     }
 
+    /// Whether the database could not serve the call: a breaker refused, a replica lagged too
+    /// far, or every endpoint tried failed with an infrastructure error (lost connection,
+    /// timeout, exhausted resources, ...). This is when the cache and fallbacks step in; a
+    /// query error, a rejected password or a closed pool is not such a case.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::CircuitOpen { .. } | Self::ReplicaLagging { .. } | Self::Timeout { .. } => true,
+            Self::Database { route, class, .. } => class.counts_as_failure(*route),
+            Self::AllEndpointsFailed { attempts, .. } => attempts
+                .iter()
+                .all(|attempt| attempt.error.is_unavailable()),
+            Self::InvalidQuery { .. }
+            | Self::Closed
+            | Self::UnknownEndpoint(_)
+            | Self::Config(_) => false,
+        }
+    }
+
     /// When a refused call may be retried (the soonest, when several breakers refused).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

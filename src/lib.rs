@@ -4,21 +4,26 @@
 
 mod backend;
 pub mod breaker;
+pub mod cache;
 mod classify;
 mod endpoint;
 mod error;
+pub mod fallback;
 mod health;
 mod pool;
 mod route;
 mod router;
+pub mod telemetry;
 
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use endpoint::{EndpointOptions, PoolStatus, Role};
 pub use error::{Attempt, Error, Result};
+pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, HealthReport, HealthStatus, RouteHealth};
 pub use pool::{
-    PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture, RoutableQuery, Routed, Statement,
+    CallFallback, Degradable, NoFallback, PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture,
+    RoutableQuery, Routed, Statement,
 };
 pub use route::{Route, RouteConfig};
 pub use router::{ReadPreference, ReplicaSelection};

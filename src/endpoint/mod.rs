@@ -17,6 +17,7 @@ pub use options::EndpointOptions;
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
 use crate::route::Route;
+use crate::telemetry::RouteMetrics;
 pub(crate) use manager::{ConnectionManager, PooledConnection};
 
 /// What an endpoint is for.
@@ -50,6 +51,7 @@ pub(crate) struct Endpoint<DB: Backend> {
     pub(crate) role: Role,
     pool: Pool<ConnectionManager<DB>>,
     breakers: [CircuitBreaker; 3],
+    metrics: [RouteMetrics; 3],
     /// Calls using this endpoint right now, for least-outstanding replica choice.
     outstanding: AtomicUsize,
     /// Replication lag in ms as last measured; `u64::MAX` when unknown (not a replica, not
@@ -99,11 +101,13 @@ impl<DB: Backend> Endpoint<DB> {
             .runtime(Runtime::Tokio1)
             .build()
             .expect("a runtime is set, so building the pool cannot fail");
+        let metrics = Route::ALL.map(|route| RouteMetrics::new(route, name.clone()));
         Self {
             name,
             role,
             pool,
             breakers,
+            metrics,
             outstanding: AtomicUsize::new(0),
             lag_ms: AtomicU64::new(u64::MAX),
             wakeup,
@@ -128,6 +132,7 @@ impl<DB: Backend> Endpoint<DB> {
     }
 
     pub(crate) fn set_lag(&self, lag: Option<Duration>) {
+        crate::telemetry::replica_lag(&self.name, lag);
         let ms = lag.map_or(u64::MAX, |lag| {
             u64::try_from(lag.as_millis()).unwrap_or(u64::MAX - 1)
         });
@@ -136,6 +141,10 @@ impl<DB: Backend> Endpoint<DB> {
 
     pub(crate) fn breaker(&self, route: Route) -> &CircuitBreaker {
         &self.breakers[route.index()]
+    }
+
+    pub(crate) fn metrics(&self, route: Route) -> &RouteMetrics {
+        &self.metrics[route.index()]
     }
 
     pub(crate) fn breakers(&self) -> impl Iterator<Item = (Route, &CircuitBreaker)> {

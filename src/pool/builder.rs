@@ -12,12 +12,17 @@ use super::events::{PoolListener, PoolListeners, PoolStateChange};
 use super::probe::Probes;
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
-use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem, State};
+use crate::breaker::{
+    BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem, State, StateChange,
+};
+use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
+use crate::fallback::{FallbackContext, RouteFallbacks};
 use crate::route::{Route, RouteConfig};
 use crate::router::{ReadPreference, ReplicaSelection, Router};
+use crate::telemetry;
 
 type ConnectOptionsOf<DB> = <<DB as sqlx::Database>::Connection as Connection>::Options;
 
@@ -46,6 +51,9 @@ pub struct PoolBuilder<DB: Backend> {
     probes: bool,
     classifier: Option<Classifier>,
     listeners: Vec<PoolListener>,
+    cache: Option<Arc<dyn Cache>>,
+    cache_timeout: Duration,
+    fallbacks: RouteFallbacks,
     _database: PhantomData<DB>,
 }
 
@@ -64,6 +72,8 @@ impl<DB: Backend> fmt::Debug for PoolBuilder<DB> {
             )
             .field("options", &self.options)
             .field("routes", &self.routes)
+            .field("cache", &self.cache)
+            .field("fallbacks", &self.fallbacks)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +92,9 @@ impl<DB: Backend> PoolBuilder<DB> {
             probes: true,
             classifier: None,
             listeners: Vec::new(),
+            cache: None,
+            cache_timeout: Duration::from_millis(250),
+            fallbacks: RouteFallbacks::default(),
             _database: PhantomData,
         }
     }
@@ -209,6 +222,43 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
+    /// Where [`cached`](crate::Routed::cached) reads keep their results (default: a
+    /// [`MemoryCache`] of 10,000 entries).
+    pub fn cache(mut self, cache: impl Cache) -> Self {
+        self.cache = Some(Arc::new(cache));
+        self
+    }
+
+    /// The longest a cache read or write may take; one that takes longer counts as a miss or
+    /// is dropped (default 250 ms). Keeps a slow cache from slowing reads.
+    pub fn cache_timeout(mut self, timeout: Duration) -> Self {
+        self.cache_timeout = timeout;
+        self
+    }
+
+    /// A fallback for every call of `route` whose result is a `T`, run when no endpoint can
+    /// serve the call, after the cache and the call's own fallback; `None` from it means no
+    /// fallback. One per route and result type: a second replaces the first.
+    ///
+    /// ```
+    /// use protected_pool::{ProtectedPool, Route};
+    ///
+    /// let builder = ProtectedPool::<sqlx::Postgres>::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     // Reads that count something report zero while the database is away.
+    ///     .fallback(Route::Read, |context| {
+    ///         context.sql.filter(|sql| sql.starts_with("SELECT count(")).map(|_| 0_i64)
+    ///     });
+    /// ```
+    pub fn fallback<T: Send + 'static>(
+        mut self,
+        route: Route,
+        fallback: impl Fn(&FallbackContext<'_>) -> Option<T> + Send + Sync + 'static,
+    ) -> Self {
+        self.fallbacks.add(route, fallback);
+        self
+    }
+
     /// Builds the pool without opening a connection: the first call connects. Recovery
     /// probes start now when called inside a tokio runtime, else with the first call.
     pub fn build(self) -> Result<ProtectedPool<DB>> {
@@ -254,6 +304,9 @@ impl<DB: Backend> PoolBuilder<DB> {
                     "0s must be above zero",
                 ));
             }
+        }
+        if self.cache_timeout.is_zero() {
+            problems.push(ConfigProblem::new("cache.timeout", "0s must be above zero"));
         }
         if self.health_check_interval.is_zero() {
             problems.push(ConfigProblem::new(
@@ -301,6 +354,11 @@ impl<DB: Backend> PoolBuilder<DB> {
             probes: Probes::new(self.probes),
             classifier: self.classifier,
             listeners,
+            cache: self
+                .cache
+                .unwrap_or_else(|| Arc::new(MemoryCache::default())),
+            cache_timeout: self.cache_timeout,
+            fallbacks: self.fallbacks,
         });
         inner.start_probes();
         Ok(ProtectedPool { inner })
@@ -329,10 +387,13 @@ fn route_breaker(
     let breaker = CircuitBreaker::new(format!("{name}/{route}"), config.breaker.clone())
         .expect("validated above");
     let (sink, endpoint, wakeup) = (listeners.clone(), name.clone(), probe_wakeup.clone());
+    telemetry::breaker_state(route, name, State::Closed);
     breaker.on_state_change(move |change| {
         if change.to == State::Open {
             wakeup.notify_one();
         }
+        telemetry::transition(route, &endpoint, change.from, change.to);
+        log_transition(route, &endpoint, change);
         sink.emit(&PoolStateChange {
             route,
             endpoint: endpoint.clone(),
@@ -340,6 +401,23 @@ fn route_breaker(
         });
     });
     breaker
+}
+
+/// A breaker opening is an incident (WARN); closing again is the all-clear (INFO).
+fn log_transition(route: Route, endpoint: &str, change: &StateChange) {
+    let (from, to, reason) = (change.from.as_str(), change.to.as_str(), change.reason);
+    match change.to {
+        State::Open | State::ForcedOpen => tracing::warn!(
+            route = route.as_str(), endpoint, from, to, %reason,
+            "circuit breaker opened"
+        ),
+        State::Closed => {
+            tracing::info!(route = route.as_str(), endpoint, from, to, %reason, "circuit breaker closed");
+        }
+        State::HalfOpen | State::Disabled => {
+            tracing::info!(route = route.as_str(), endpoint, from, to, %reason, "circuit breaker changed state");
+        }
+    }
 }
 
 fn connect_options<DB: Backend>(

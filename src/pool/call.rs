@@ -1,6 +1,7 @@
 //! One protected call: pick endpoints, take a breaker permit and a connection on each in turn,
 //! run the statement under the route's deadline, classify, record, fail over when allowed.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool::managed::{PoolError, TimeoutType};
@@ -27,6 +28,12 @@ struct Lease<'a, DB: Backend> {
     _outstanding: Outstanding<'a>,
 }
 
+/// A call's value and the endpoint that gave it.
+pub(crate) struct Done<T> {
+    pub(crate) value: T,
+    pub(crate) endpoint: Arc<str>,
+}
+
 /// What a failed attempt allows next.
 enum Next {
     /// Nothing reached the database: another endpoint may serve the call.
@@ -41,7 +48,7 @@ impl<DB: Backend> PoolInner<DB> {
     ///
     /// Cancel-safe: if the returned future is dropped, the breaker permit is released without
     /// an outcome and a connection caught mid-statement is closed rather than reused.
-    pub(crate) async fn run_once<T, F>(&self, route: Route, operation: F) -> Result<T>
+    pub(crate) async fn run_once<T, F>(&self, route: Route, operation: F) -> Result<Done<T>>
     where
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
@@ -57,7 +64,7 @@ impl<DB: Backend> PoolInner<DB> {
     /// Runs `operation`, again on the next endpoint if it fails with an infrastructure error,
     /// until one succeeds or the route's deadline passes. Only for operations that are safe to
     /// repeat (reads).
-    pub(crate) async fn run_replayable<T, F>(&self, route: Route, operation: F) -> Result<T>
+    pub(crate) async fn run_replayable<T, F>(&self, route: Route, operation: F) -> Result<Done<T>>
     where
         F: AsyncFn(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
@@ -82,7 +89,7 @@ impl<DB: Backend> PoolInner<DB> {
         route: Route,
         replayable: bool,
         fetch: &(dyn for<'c> Fn(&'c mut DB::Connection) -> QueryFuture<'c, T> + Send + Sync),
-    ) -> Result<T> {
+    ) -> Result<Done<T>> {
         let deadline = self.deadline(route);
         let mut tried = Tried::new(self.router.candidates(route, &self.endpoints));
         loop {
@@ -155,6 +162,7 @@ impl<DB: Backend> PoolInner<DB> {
             }
         }
         let permit = endpoint.breaker(route).try_acquire().map_err(|rejected| {
+            endpoint.metrics(route).rejected();
             let error = Error::CircuitOpen {
                 route,
                 endpoint: endpoint.name.clone(),
@@ -189,6 +197,7 @@ impl<DB: Backend> PoolInner<DB> {
                 if class == ErrorClass::Connection {
                     endpoint.connection_lost();
                 }
+                endpoint.metrics(route).failure(class, None);
                 permit.record(outcome_for(class, route), started.elapsed());
                 let next = if class.counts_as_failure(route) {
                     Next::TryAnother
@@ -206,6 +215,7 @@ impl<DB: Backend> PoolInner<DB> {
             }
             Err(_) => {
                 permit.record(Outcome::Failure, started.elapsed());
+                endpoint.metrics(route).failure(ErrorClass::Timeout, None);
                 let error = Error::Timeout {
                     route,
                     endpoint: endpoint.name.clone(),
@@ -233,14 +243,16 @@ impl<DB: Backend> PoolInner<DB> {
         route: Route,
         mut lease: Lease<'_, DB>,
         result: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<T> {
+    ) -> Result<Done<T>> {
         let elapsed = lease.started.elapsed();
         let endpoint = lease.endpoint.name.clone();
+        let metrics = lease.endpoint.metrics(route);
         let error = match result {
             Ok(Ok(value)) => {
                 lease.checkout.connection().busy = false;
                 lease.permit.record(Outcome::Success, elapsed);
-                return Ok(value);
+                metrics.success(elapsed);
+                return Ok(Done { value, endpoint });
             }
             Ok(Err(source)) => {
                 let class = self.classify(&source, route);
@@ -249,6 +261,7 @@ impl<DB: Backend> PoolInner<DB> {
                 // Never hand a dead connection out again.
                 connection.broken = class == ErrorClass::Connection;
                 lease.permit.record(outcome_for(class, route), elapsed);
+                metrics.failure(class, Some(elapsed));
                 Error::Database {
                     route,
                     endpoint,
@@ -262,6 +275,7 @@ impl<DB: Backend> PoolInner<DB> {
             Err(_) => {
                 // Still busy: the checkout closes the connection instead of returning it.
                 lease.permit.record(Outcome::Failure, elapsed);
+                metrics.failure(ErrorClass::Timeout, Some(elapsed));
                 Error::Timeout {
                     route,
                     endpoint,

@@ -5,6 +5,7 @@ mod call;
 mod events;
 mod probe;
 mod query;
+mod serve;
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,17 +15,23 @@ use sqlx::Postgres;
 
 pub use builder::PoolBuilder;
 pub use events::PoolStateChange;
-pub use query::{QueryFuture, RoutableQuery, Routed, Statement};
+pub use query::{
+    CallFallback, Degradable, NoFallback, QueryFuture, RoutableQuery, Routed, Statement,
+};
 
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
+use crate::cache::Cache;
 use crate::classify::Classifier;
 use crate::endpoint::{Endpoint, PoolStatus, Role};
 use crate::error::{Error, Result};
+use crate::fallback::RouteFallbacks;
+use crate::fallback::Served;
 use crate::health::{EndpointHealth, HealthReport, RouteHealth};
 use crate::route::{Route, RouteConfig};
 use crate::router::Router;
 use events::PoolListeners;
+use serve::Plan;
 
 /// A pool of database connections with a circuit breaker per route on each endpoint.
 ///
@@ -64,6 +71,10 @@ pub(crate) struct PoolInner<DB: Backend> {
     probes: probe::Probes,
     classifier: Option<Classifier>,
     listeners: Arc<PoolListeners>,
+    cache: Arc<dyn Cache>,
+    /// The longest a cache operation may take before it counts as a miss.
+    cache_timeout: Duration,
+    fallbacks: RouteFallbacks,
 }
 
 impl<DB: Backend> Clone for ProtectedPool<DB> {
@@ -132,12 +143,14 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// The operation runs at most once: if an endpoint cannot hand out a connection the call
     /// moves to the next one, but once the operation has started it is not repeated. For a read
     /// that may be repeated on another endpoint, use [`read_with`](Self::read_with).
-    pub async fn with_connection<T, F>(&self, route: Route, operation: F) -> Result<T>
+    pub async fn with_connection<T: 'static, F>(&self, route: Route, operation: F) -> Result<T>
     where
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
-        self.inner.start_probes();
-        self.inner.run_once(route, operation).await
+        let inner = &self.inner;
+        inner.start_probes();
+        let served = inner.serve(Plan::bare(route), inner.run_once(route, operation));
+        served.await.map(Served::into_inner)
     }
 
     /// Runs a read that is safe to repeat: if it fails with an infrastructure error (a lost
@@ -153,33 +166,37 @@ impl<DB: Backend> ProtectedPool<DB> {
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub async fn read_with<T, F>(&self, operation: F) -> Result<T>
+    pub async fn read_with<T: 'static, F>(&self, operation: F) -> Result<T>
     where
         F: AsyncFn(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
-        self.inner.start_probes();
-        self.inner.run_replayable(Route::Read, operation).await
+        let inner = &self.inner;
+        inner.start_probes();
+        let call = inner.run_replayable(Route::Read, operation);
+        let served = inner.serve(Plan::bare(Route::Read), call);
+        served.await.map(Served::into_inner)
     }
 
     /// Runs `operation` in a transaction on the write route: committed if it returns `Ok`,
     /// rolled back if it returns `Err`. A commit whose answer is lost reports an unknown
     /// outcome and is not retried.
-    pub async fn transaction<T, F>(&self, operation: F) -> Result<T>
+    pub async fn transaction<T: 'static, F>(&self, operation: F) -> Result<T>
     where
         F: AsyncFnOnce(&mut sqlx::Transaction<'_, DB>) -> Result<T, sqlx::Error>,
     {
-        self.inner.start_probes();
-        self.inner
-            .run_once(
-                Route::Write,
-                async move |connection: &mut DB::Connection| {
-                    let mut transaction = sqlx::Connection::begin(connection).await?;
-                    let value = operation(&mut transaction).await?;
-                    transaction.commit().await?;
-                    Ok(value)
-                },
-            )
-            .await
+        let inner = &self.inner;
+        inner.start_probes();
+        let call = inner.run_once(
+            Route::Write,
+            async move |connection: &mut DB::Connection| {
+                let mut transaction = sqlx::Connection::begin(connection).await?;
+                let value = operation(&mut transaction).await?;
+                transaction.commit().await?;
+                Ok(value)
+            },
+        );
+        let served = inner.serve(Plan::bare(Route::Write), call);
+        served.await.map(Served::into_inner)
     }
 
     /// Calls `listener` on every state change of every breaker of the pool.

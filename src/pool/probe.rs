@@ -67,6 +67,7 @@ impl<DB: Backend> PoolInner<DB> {
     /// One round on one endpoint; returns how long to sleep before the next.
     async fn probe_round(&self, index: usize, next_lag_check: &mut Instant) -> Duration {
         let endpoint = &self.endpoints[index];
+        crate::telemetry::pool_status(&endpoint.name, endpoint.status());
         let now = Instant::now();
         if endpoint.role == Role::Replica && now >= *next_lag_check {
             *next_lag_check = now + self.health_check_interval;

@@ -1,0 +1,229 @@
+//! One whole call: the endpoints, then (when none could serve) the cache, the call's fallback
+//! and the route's fallback; with the call's span and its cache and fallback metrics.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use super::PoolInner;
+use super::call::Done;
+use crate::backend::Backend;
+use crate::cache::CachedValue;
+use crate::error::{Error, Result};
+use crate::fallback::{BoxedFallback, FallbackContext, Served, Source};
+use crate::route::Route;
+use crate::telemetry;
+
+/// Where and how long a read's results are cached, and how a result of type `T` is
+/// (de)serialized.
+pub(crate) struct CacheRequest<T> {
+    pub(crate) key: String,
+    pub(crate) ttl: Duration,
+    encode: fn(&T) -> serde_json::Result<Vec<u8>>,
+    decode: fn(&[u8]) -> serde_json::Result<T>,
+}
+
+impl<T: Serialize + DeserializeOwned> CacheRequest<T> {
+    pub(crate) fn json(key: String, ttl: Duration) -> Self {
+        Self {
+            key,
+            ttl,
+            encode: |value| serde_json::to_vec(value),
+            decode: |bytes| serde_json::from_slice(bytes),
+        }
+    }
+}
+
+/// What a call may fall back on, and what to say about it in its span.
+pub(crate) struct Plan<'a, T> {
+    pub(crate) route: Route,
+    pub(crate) sql: Option<&'a str>,
+    pub(crate) cache: Option<CacheRequest<T>>,
+    pub(crate) fallback: Option<BoxedFallback<T>>,
+}
+
+impl<T> Plan<'_, T> {
+    /// A call with no SQL to show (a closure on a connection), no cache and no fallback of
+    /// its own.
+    pub(crate) fn bare(route: Route) -> Self {
+        Self {
+            route,
+            sql: None,
+            cache: None,
+            fallback: None,
+        }
+    }
+}
+
+impl<DB: Backend> PoolInner<DB> {
+    /// Runs `call` and, if no endpoint could serve it, what `plan` falls back on.
+    pub(crate) async fn serve<T: 'static>(
+        &self,
+        plan: Plan<'_, T>,
+        call: impl Future<Output = Result<Done<T>>>,
+    ) -> Result<Served<T>> {
+        let span = tracing::info_span!(
+            "db.call",
+            db.system = DB::SYSTEM,
+            db.operation = plan.sql.and_then(operation_of),
+            route = plan.route.as_str(),
+            endpoint = Empty,
+            outcome = Empty,
+            error.class = Empty,
+        );
+        let served = async {
+            match call.await {
+                Ok(Done { value, endpoint }) => {
+                    if let Some(request) = &plan.cache {
+                        // Encoded first: the value itself is not held across the cache's await.
+                        if let Some(payload) = self.encode(request, &value) {
+                            self.store(request, payload).await;
+                        }
+                    }
+                    Ok(Served::new(value, Source::Database { endpoint }))
+                }
+                Err(error) if error.is_unavailable() => self.degrade(plan, error).await,
+                Err(error) => Err(error),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        if !span.is_disabled() {
+            record_outcome(&span, &served);
+        }
+        served
+    }
+
+    fn encode<T>(&self, request: &CacheRequest<T>, value: &T) -> Option<Vec<u8>> {
+        (request.encode)(value)
+            .inspect_err(|error| {
+                telemetry::cache_error(self.cache.kind(), "encode");
+                tracing::warn!(key = %request.key, %error, "result not cached: it does not serialize");
+            })
+            .ok()
+    }
+
+    async fn store<T>(&self, request: &CacheRequest<T>, payload: Vec<u8>) {
+        let kind = self.cache.kind();
+        let put = self
+            .cache
+            .put(&request.key, CachedValue::new(payload), request.ttl);
+        let failure = match tokio::time::timeout(self.cache_timeout, put).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {:?}", self.cache_timeout),
+        };
+        telemetry::cache_error(kind, "put");
+        tracing::debug!(key = %request.key, cache = kind, error = %failure, "result not cached");
+    }
+
+    /// No endpoint could serve: the cache, the call's fallback, the route's fallback, in that
+    /// order; else the error.
+    async fn degrade<T: 'static>(&self, plan: Plan<'_, T>, error: Error) -> Result<Served<T>> {
+        let route = plan.route;
+        if let Some(request) = &plan.cache {
+            if let Some((value, age)) = self.lookup(route, request).await {
+                telemetry::served_without_endpoint(route, "cache");
+                tracing::debug!(key = %request.key, ?age, %error, "served from the cache");
+                return Ok(Served::new(value, Source::Cache { age, cause: error }));
+            }
+        }
+        let value = {
+            let context = FallbackContext {
+                route,
+                error: &error,
+                sql: plan.sql,
+                key: plan.cache.as_ref().map(|request| request.key.as_str()),
+            };
+            match plan.fallback {
+                Some(fallback) => fallback(&context),
+                None => None,
+            }
+            .or_else(|| self.fallbacks.run(&context))
+        };
+        match value {
+            Some(value) => {
+                telemetry::served_without_endpoint(route, "fallback");
+                tracing::debug!(%error, "served by a fallback");
+                Ok(Served::new(value, Source::Fallback { cause: error }))
+            }
+            None => Err(error),
+        }
+    }
+
+    /// The cached value and its age; a miss, a cache failure or a value that no longer
+    /// decodes are all `None`.
+    async fn lookup<T>(&self, route: Route, request: &CacheRequest<T>) -> Option<(T, Duration)> {
+        let kind = self.cache.kind();
+        let get = self.cache.get(&request.key);
+        let failure = match tokio::time::timeout(self.cache_timeout, get).await {
+            Ok(Ok(Some(cached))) => match (request.decode)(cached.payload()) {
+                Ok(value) => {
+                    telemetry::cache_lookup(route, "hit");
+                    return Some((value, cached.age()));
+                }
+                Err(error) => {
+                    telemetry::cache_error(kind, "decode");
+                    format!("the cached value does not decode: {error}")
+                }
+            },
+            Ok(Ok(None)) => {
+                telemetry::cache_lookup(route, "miss");
+                return None;
+            }
+            Ok(Err(error)) => {
+                telemetry::cache_error(kind, "get");
+                error.to_string()
+            }
+            Err(_) => {
+                telemetry::cache_error(kind, "get");
+                format!("no answer within {:?}", self.cache_timeout)
+            }
+        };
+        telemetry::cache_lookup(route, "error");
+        tracing::warn!(key = %request.key, cache = kind, error = %failure, "cache fallback failed");
+        None
+    }
+}
+
+fn record_outcome<T>(span: &tracing::Span, served: &Result<Served<T>>) {
+    match served {
+        Ok(served) => {
+            let outcome = match served.source() {
+                Source::Database { .. } => "success",
+                source => source.as_str(),
+            };
+            span.record("outcome", outcome);
+            match served.endpoint() {
+                Some(endpoint) => span.record("endpoint", endpoint),
+                None => span.record("endpoint", telemetry::NO_ENDPOINT),
+            };
+        }
+        Err(error) => {
+            let outcome = if error.is_circuit_open() {
+                "rejected"
+            } else {
+                "failure"
+            };
+            span.record("outcome", outcome);
+            if let Some(endpoint) = error.endpoint() {
+                span.record("endpoint", endpoint);
+            }
+            if let Some(class) = error.class() {
+                span.record("error.class", class.as_str());
+            }
+        }
+    }
+}
+
+/// The statement's first keyword (`SELECT`, `INSERT`, ...), for `db.operation`.
+fn operation_of(sql: &str) -> Option<&str> {
+    sql.split_whitespace()
+        .next()
+        .map(|word| word.trim_end_matches(|c: char| !c.is_ascii_alphabetic()))
+        .filter(|word| !word.is_empty())
+}

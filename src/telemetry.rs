@@ -1,0 +1,170 @@
+//! Metrics (through the `metrics` crate) and the names they are published under.
+//!
+//! Install a recorder (for example `metrics-exporter-prometheus`) **before** building the pool:
+//! the counters of the hot path are registered once, when the pool is built, so that a call
+//! costs an atomic increment rather than a label lookup.
+//!
+//! | name | type | labels | what |
+//! |---|---|---|---|
+//! | `protected_pool_calls_total` | counter | `route`, `endpoint`, `outcome` | attempts on an endpoint (`success`, `failure`, `rejected`) and calls served without one (`cache`, `fallback`; `endpoint="none"`) |
+//! | `protected_pool_errors_total` | counter | `route`, `endpoint`, `class` | failed attempts by [`ErrorClass`] |
+//! | `protected_pool_call_duration_seconds` | histogram | `route`, `endpoint`, `outcome` | time of an attempt, from connection checkout to result |
+//! | `protected_pool_breaker_state` | gauge | `route`, `endpoint` | 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled |
+//! | `protected_pool_breaker_transitions_total` | counter | `route`, `endpoint`, `from`, `to` | state changes |
+//! | `protected_pool_connections` | gauge | `endpoint`, `state` | `open`, `idle`, `waiting` and `max` connections of the endpoint's pool |
+//! | `protected_pool_replica_lag_seconds` | gauge | `endpoint` | replication lag as last measured |
+//! | `protected_pool_cache_lookups_total` | counter | `route`, `result` | cache fallback lookups: `hit`, `miss`, `error` |
+//! | `protected_pool_cache_errors_total` | counter | `cache`, `operation` | failed cache operations (`get`, `put`, `encode`, `decode`) |
+
+use metrics::{Counter, Histogram, Label};
+
+use crate::breaker::State;
+use crate::classify::ErrorClass;
+use crate::endpoint::PoolStatus;
+use crate::route::Route;
+
+/// Attempts and calls, by `route`, `endpoint` and `outcome`.
+pub const CALLS: &str = "protected_pool_calls_total";
+/// Failed attempts by `route`, `endpoint` and error `class`.
+pub const ERRORS: &str = "protected_pool_errors_total";
+/// Attempt durations in seconds, by `route`, `endpoint` and `outcome`.
+pub const CALL_DURATION: &str = "protected_pool_call_duration_seconds";
+/// Breaker state by `route` and `endpoint` (see [`state_value`]).
+pub const BREAKER_STATE: &str = "protected_pool_breaker_state";
+/// Breaker state changes by `route`, `endpoint`, `from` and `to`.
+pub const BREAKER_TRANSITIONS: &str = "protected_pool_breaker_transitions_total";
+/// Connections of an endpoint's pool by `state` (`open`, `idle`, `waiting`, `max`).
+pub const CONNECTIONS: &str = "protected_pool_connections";
+/// Replication lag in seconds by `endpoint`.
+pub const REPLICA_LAG: &str = "protected_pool_replica_lag_seconds";
+/// Cache fallback lookups by `route` and `result` (`hit`, `miss`, `error`).
+pub const CACHE_LOOKUPS: &str = "protected_pool_cache_lookups_total";
+/// Failed cache operations by `cache` and `operation`.
+pub const CACHE_ERRORS: &str = "protected_pool_cache_errors_total";
+
+/// The `endpoint` label of calls no endpoint served.
+pub const NO_ENDPOINT: &str = "none";
+
+/// The value of [`BREAKER_STATE`] for a state.
+pub const fn state_value(state: State) -> f64 {
+    match state {
+        State::Closed => 0.0,
+        State::Open => 1.0,
+        State::HalfOpen => 2.0,
+        State::ForcedOpen => 3.0,
+        State::Disabled => 4.0,
+    }
+}
+
+/// The handles one route on one endpoint updates on every call.
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    route: Route,
+    endpoint: std::sync::Arc<str>,
+    success: Counter,
+    failure: Counter,
+    rejected: Counter,
+    success_duration: Histogram,
+    failure_duration: Histogram,
+}
+
+fn call_labels(route: Route, endpoint: &str, outcome: &'static str) -> Vec<Label> {
+    vec![
+        Label::new("route", route.as_str()),
+        Label::new("endpoint", endpoint.to_owned()),
+        Label::new("outcome", outcome),
+    ]
+}
+
+impl RouteMetrics {
+    pub(crate) fn new(route: Route, endpoint: std::sync::Arc<str>) -> Self {
+        let counter = |outcome| metrics::counter!(CALLS, call_labels(route, &endpoint, outcome));
+        let histogram =
+            |outcome| metrics::histogram!(CALL_DURATION, call_labels(route, &endpoint, outcome));
+        Self {
+            success: counter("success"),
+            failure: counter("failure"),
+            rejected: counter("rejected"),
+            success_duration: histogram("success"),
+            failure_duration: histogram("failure"),
+            route,
+            endpoint,
+        }
+    }
+
+    pub(crate) fn success(&self, elapsed: std::time::Duration) {
+        self.success.increment(1);
+        self.success_duration.record(elapsed);
+    }
+
+    /// A failed attempt; `elapsed` is `None` when it failed before a connection was had.
+    pub(crate) fn failure(&self, class: ErrorClass, elapsed: Option<std::time::Duration>) {
+        self.failure.increment(1);
+        if let Some(elapsed) = elapsed {
+            self.failure_duration.record(elapsed);
+        }
+        metrics::counter!(
+            ERRORS,
+            "route" => self.route.as_str(),
+            "endpoint" => self.endpoint.to_string(),
+            "class" => class.as_str(),
+        )
+        .increment(1);
+    }
+
+    pub(crate) fn rejected(&self) {
+        self.rejected.increment(1);
+    }
+}
+
+/// A call served without an endpoint, from the cache or a fallback.
+pub(crate) fn served_without_endpoint(route: Route, outcome: &'static str) {
+    metrics::counter!(CALLS, call_labels(route, NO_ENDPOINT, outcome)).increment(1);
+}
+
+pub(crate) fn cache_lookup(route: Route, result: &'static str) {
+    metrics::counter!(CACHE_LOOKUPS, "route" => route.as_str(), "result" => result).increment(1);
+}
+
+pub(crate) fn cache_error(cache: &'static str, operation: &'static str) {
+    metrics::counter!(CACHE_ERRORS, "cache" => cache, "operation" => operation).increment(1);
+}
+
+pub(crate) fn breaker_state(route: Route, endpoint: &str, state: State) {
+    metrics::gauge!(
+        BREAKER_STATE,
+        "route" => route.as_str(),
+        "endpoint" => endpoint.to_owned(),
+    )
+    .set(state_value(state));
+}
+
+pub(crate) fn transition(route: Route, endpoint: &str, from: State, to: State) {
+    metrics::counter!(
+        BREAKER_TRANSITIONS,
+        "route" => route.as_str(),
+        "endpoint" => endpoint.to_owned(),
+        "from" => from.as_str(),
+        "to" => to.as_str(),
+    )
+    .increment(1);
+    breaker_state(route, endpoint, to);
+}
+
+pub(crate) fn pool_status(endpoint: &str, status: PoolStatus) {
+    for (state, value) in [
+        ("open", status.size),
+        ("idle", status.idle),
+        ("waiting", status.waiting),
+        ("max", status.max_size),
+    ] {
+        metrics::gauge!(CONNECTIONS, "endpoint" => endpoint.to_owned(), "state" => state)
+            .set(value as f64);
+    }
+}
+
+pub(crate) fn replica_lag(endpoint: &str, lag: Option<std::time::Duration>) {
+    if let Some(lag) = lag {
+        metrics::gauge!(REPLICA_LAG, "endpoint" => endpoint.to_owned()).set(lag.as_secs_f64());
+    }
+}
