@@ -170,3 +170,74 @@ fn snapshot_reports_counts_rates_times_and_serializes() {
     assert_eq!(json["opens"], 1);
     assert_eq!(json["retry_after"], "750ms");
 }
+
+#[test]
+fn thresholds_change_at_runtime_without_losing_state_or_counts() {
+    let rig = Rig::new(consecutive(5));
+    rig.fail(3);
+    let before = rig.breaker.snapshot();
+    assert_eq!(before.consecutive_failures, 3);
+
+    // Tighter: the streak already counted toward the old rule counts toward the new one.
+    rig.breaker
+        .update_config(BreakerConfig {
+            consecutive_failures: Some(4),
+            ..rig.breaker.config()
+        })
+        .unwrap();
+    let after = rig.breaker.snapshot();
+    assert_eq!(after.state, State::Closed);
+    assert_eq!(after.consecutive_failures, 3);
+    assert_eq!(after.total_failures, before.total_failures);
+    rig.fail(1);
+    assert_eq!(rig.state(), State::Open);
+
+    // Changing the open duration while open keeps it open and counts the new duration from
+    // the next opening; the backoff it already earned is kept.
+    let open_config = BreakerConfig {
+        open: OpenDuration {
+            base: secs(3),
+            ..rig.breaker.config().open
+        },
+        ..rig.breaker.config()
+    };
+    rig.breaker.update_config(open_config).unwrap();
+    assert_eq!(rig.state(), State::Open);
+    assert_eq!(rig.breaker.snapshot().opens, 1);
+}
+
+#[test]
+fn a_rate_rule_switched_on_at_runtime_trips_on_the_calls_that_follow() {
+    let rig = Rig::new(consecutive(100));
+    rig.breaker
+        .update_config(BreakerConfig {
+            failure_rate: Some(0.5),
+            window: rig.breaker.config().window,
+            minimum_calls: 4,
+            ..rig.breaker.config()
+        })
+        .unwrap();
+    rig.succeed(2);
+    rig.fail(1);
+    assert_eq!(rig.state(), State::Closed);
+    rig.fail(1);
+    assert_eq!(rig.state(), State::Open, "2 failures in 4 calls is 50%");
+}
+
+#[test]
+fn a_runtime_update_is_validated_and_cannot_change_the_window() {
+    let rig = Rig::new(consecutive(3));
+    let error = rig
+        .breaker
+        .update_config(BreakerConfig {
+            failure_rate: Some(1.5),
+            window: SlidingWindow::Count { size: 20 },
+            ..rig.breaker.config()
+        })
+        .unwrap_err();
+    let paths: Vec<&str> = error.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["failure_rate", "window"], "{error}");
+    assert_eq!(rig.breaker.config().failure_rate, None, "nothing changed");
+    rig.fail(3);
+    assert_eq!(rig.state(), State::Open, "the old rule still holds");
+}

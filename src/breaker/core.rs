@@ -22,31 +22,101 @@ const CLOSED: u64 = State::Closed.code();
 const OPEN: u64 = State::Open.code();
 const DISABLED: u64 = State::Disabled.code();
 
-/// The rules as the hot path needs them, derived once from the config.
+/// The thresholds as the hot path reads them: atomics, so that they can be changed while the
+/// breaker runs without a lock on the path of every call.
 #[derive(Debug)]
 struct Rules {
-    consecutive_failures: u32,
-    failure_rate: Option<f64>,
-    slow_call_rate: Option<f64>,
-    /// `None` when the slow-call rule is off: then no call is slow.
-    slow_call: Option<Duration>,
+    /// `u32::MAX` when the rule is off.
+    consecutive_failures: AtomicU32,
+    /// `f64` bits; [`OFF`] when the rule is off.
+    failure_rate: AtomicU64,
+    /// `f64` bits; [`OFF`] when the rule is off.
+    slow_call_rate: AtomicU64,
+    /// A call this long (ns) or longer is slow; [`OFF`] when the slow-call rule is off: then
+    /// no call is slow.
+    slow_call: AtomicU64,
     /// Whether any rate rule is on, i.e. whether the window is kept at all.
-    rate_rules: bool,
+    rate_rules: AtomicBool,
+    /// The window's kind is fixed for the breaker's life.
     count_window: bool,
-    minimum_calls: u64,
+    minimum_calls: AtomicU64,
+}
+
+/// An atomic rule that is off.
+const OFF: u64 = u64::MAX;
+
+fn rate_bits(rate: Option<f64>) -> u64 {
+    rate.map_or(OFF, f64::to_bits)
+}
+
+fn rate_of(bits: u64) -> Option<f64> {
+    (bits != OFF).then(|| f64::from_bits(bits))
 }
 
 impl Rules {
     fn new(config: &BreakerConfig) -> Self {
-        Self {
-            consecutive_failures: config.consecutive_failures.unwrap_or(u32::MAX),
-            failure_rate: config.failure_rate,
-            slow_call_rate: config.slow_call_rate,
-            slow_call: config.slow_call_rate.map(|_| config.slow_call_duration),
-            rate_rules: config.failure_rate.is_some() || config.slow_call_rate.is_some(),
+        let rules = Self {
+            consecutive_failures: AtomicU32::new(0),
+            failure_rate: AtomicU64::new(OFF),
+            slow_call_rate: AtomicU64::new(OFF),
+            slow_call: AtomicU64::new(OFF),
+            rate_rules: AtomicBool::new(false),
             count_window: matches!(config.window, SlidingWindow::Count { .. }),
-            minimum_calls: u64::from(config.minimum_calls),
-        }
+            minimum_calls: AtomicU64::new(0),
+        };
+        rules.set(config);
+        rules
+    }
+
+    fn set(&self, config: &BreakerConfig) {
+        let relaxed = Ordering::Relaxed;
+        self.consecutive_failures
+            .store(config.consecutive_failures.unwrap_or(u32::MAX), relaxed);
+        self.failure_rate
+            .store(rate_bits(config.failure_rate), relaxed);
+        self.slow_call_rate
+            .store(rate_bits(config.slow_call_rate), relaxed);
+        let slow_call = config.slow_call_rate.map_or(OFF, |_| {
+            duration_nanos(config.slow_call_duration).min(OFF - 1)
+        });
+        self.slow_call.store(slow_call, relaxed);
+        self.minimum_calls
+            .store(u64::from(config.minimum_calls), relaxed);
+        self.rate_rules.store(
+            config.failure_rate.is_some() || config.slow_call_rate.is_some(),
+            relaxed,
+        );
+    }
+
+    #[inline(always)]
+    fn is_slow(&self, elapsed: Duration) -> bool {
+        let limit = self.slow_call.load(Ordering::Relaxed);
+        limit != OFF && duration_nanos(elapsed) >= limit
+    }
+
+    fn times_calls(&self) -> bool {
+        self.slow_call.load(Ordering::Relaxed) != OFF
+    }
+
+    #[inline(always)]
+    fn rate_rules(&self) -> bool {
+        self.rate_rules.load(Ordering::Relaxed)
+    }
+
+    fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    fn failure_rate(&self) -> Option<f64> {
+        rate_of(self.failure_rate.load(Ordering::Relaxed))
+    }
+
+    fn slow_call_rate(&self) -> Option<f64> {
+        rate_of(self.slow_call_rate.load(Ordering::Relaxed))
+    }
+
+    fn minimum_calls(&self) -> u64 {
+        self.minimum_calls.load(Ordering::Relaxed)
     }
 }
 
@@ -145,7 +215,7 @@ impl Inner {
 
     /// Whether outcomes need an elapsed time (the slow-call rule is on).
     pub(crate) fn times_calls(&self) -> bool {
-        self.rules.slow_call.is_some()
+        self.rules.times_calls()
     }
 
     /// How long until the breaker admits a trial call: zero when half-open (or open past its
@@ -170,6 +240,19 @@ impl Inner {
 
     pub(crate) fn config(&self) -> BreakerConfig {
         self.control().config.clone()
+    }
+
+    /// Replaces the thresholds, open durations and half-open limits, keeping the state, the
+    /// window's contents and the counts. The window's shape is fixed: `config` must have the
+    /// same `window` (checked by the caller).
+    pub(crate) fn update_config(&self, config: BreakerConfig) {
+        let mut control = self.control();
+        self.rules.set(&config);
+        // New thresholds may already be met by what the window holds, and a new minimum may
+        // not be: let the next outcome look again.
+        self.warmed.store(false, Ordering::Relaxed);
+        self.window_dirty.store(true, Ordering::Relaxed);
+        control.config = config;
     }
 
     #[inline(always)]
@@ -288,12 +371,12 @@ impl Inner {
         // breaker is still in the permit's state, with no failure streak to reset and nothing
         // in the window that a success could tip over a threshold.
         if outcome == Outcome::Success
-            && self.rules.slow_call.is_none_or(|limit| elapsed < limit)
+            && !self.rules.is_slow(elapsed)
             && self.word.load(Ordering::Acquire) == word
             && self.consecutive.load(Ordering::Relaxed) == 0
             && !self.window_dirty.load(Ordering::Relaxed)
         {
-            let in_window = self.rules.rate_rules;
+            let in_window = self.rules.rate_rules();
             let now = if in_window && self.stripes.needs_time() {
                 self.clock.now_nanos()
             } else {
@@ -316,11 +399,11 @@ impl Inner {
             }
         };
         let rules = &self.rules;
-        let slow = rules.slow_call.is_some_and(|limit| elapsed >= limit);
+        let slow = rules.is_slow(elapsed);
         // A permit from an earlier state or generation only feeds the totals: the window and
         // the failure streak belong to the state that is current now.
         let live = self.word.load(Ordering::Acquire) == word;
-        let in_window = live && rules.rate_rules;
+        let in_window = live && rules.rate_rules();
         let now = if failed || (in_window && self.stripes.needs_time()) {
             self.clock.now_nanos()
         } else {
@@ -339,7 +422,7 @@ impl Inner {
             if in_window {
                 self.mark_dirty();
             }
-            if closed && streak >= rules.consecutive_failures {
+            if closed && streak >= rules.consecutive_failures() {
                 self.trip(
                     word,
                     TransitionReason::ConsecutiveFailures { count: streak },
@@ -386,7 +469,7 @@ impl Inner {
         if counts.failures == 0 && counts.slow == 0 {
             self.window_dirty.store(false, Ordering::Relaxed);
         }
-        if counts.calls < rules.minimum_calls {
+        if counts.calls < rules.minimum_calls() {
             return;
         }
         self.warmed.store(true, Ordering::Relaxed);
@@ -394,14 +477,17 @@ impl Inner {
         let failure_rate = counts.failures as f64 / calls;
         let slow_rate = counts.slow as f64 / calls;
         let reason = if rules
-            .failure_rate
+            .failure_rate()
             .is_some_and(|limit| failure_rate >= limit)
         {
             TransitionReason::FailureRate {
                 rate: failure_rate,
                 calls: counts.calls,
             }
-        } else if rules.slow_call_rate.is_some_and(|limit| slow_rate >= limit) {
+        } else if rules
+            .slow_call_rate()
+            .is_some_and(|limit| slow_rate >= limit)
+        {
             TransitionReason::SlowCallRate {
                 rate: slow_rate,
                 calls: counts.calls,
@@ -428,7 +514,7 @@ impl Inner {
     /// Outcome of a half-open trial.
     #[cold]
     pub(crate) fn record_trial(&self, word: u64, ticket: u64, outcome: Outcome, elapsed: Duration) {
-        let slow = self.rules.slow_call.is_some_and(|limit| elapsed >= limit);
+        let slow = self.rules.is_slow(elapsed);
         let now = self.clock.now_nanos();
         match outcome {
             Outcome::Ignored => self.stripes.record_ignored(),

@@ -137,6 +137,40 @@ impl CircuitBreaker {
         self.inner.config()
     }
 
+    /// Changes thresholds, open durations and half-open limits while the breaker runs,
+    /// keeping its state, its window's contents and its counts. The new rules apply from the
+    /// next outcome. The window's shape (`window`) cannot change: that would drop what it
+    /// holds; build a new breaker for that.
+    ///
+    /// ```
+    /// use protected_pool::breaker::{BreakerConfig, CircuitBreaker};
+    ///
+    /// let breaker = CircuitBreaker::new("orders", BreakerConfig::write()).unwrap();
+    /// breaker
+    ///     .update_config(BreakerConfig { consecutive_failures: Some(20), ..breaker.config() })
+    ///     .unwrap();
+    /// assert_eq!(breaker.config().consecutive_failures, Some(20));
+    /// ```
+    pub fn update_config(&self, config: BreakerConfig) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        config.validate_into("", &mut problems);
+        let current = self.inner.config();
+        if config.window != current.window {
+            problems.push(ConfigProblem::new(
+                "window",
+                format!(
+                    "cannot change while the breaker runs (it is {:?}); build a new breaker",
+                    current.window
+                ),
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::new(problems));
+        }
+        self.inner.update_config(config);
+        Ok(())
+    }
+
     /// Everything the breaker knows, as a serializable struct.
     pub fn snapshot(&self) -> BreakerSnapshot {
         self.inner.snapshot()

@@ -20,7 +20,7 @@ pub use query::{
 };
 
 use crate::backend::Backend;
-use crate::breaker::CircuitBreaker;
+use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
 use crate::cache::Cache;
 use crate::classify::Classifier;
 use crate::endpoint::{Endpoint, PoolStatus, Role};
@@ -224,6 +224,37 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// Lets every call of `route` through to `endpoint` until reset, still measuring.
     pub fn disable(&self, route: Route, endpoint: &str) -> Result<()> {
         self.breaker(route, endpoint)?.disable();
+        Ok(())
+    }
+
+    /// Changes the thresholds of `route`'s breaker on every endpoint while the pool runs,
+    /// keeping each breaker's state and measurements (see
+    /// [`CircuitBreaker::update_config`]). Nothing changes unless the new config is valid for
+    /// all of them.
+    pub fn update_breaker(&self, route: Route, config: BreakerConfig) -> Result<()> {
+        let endpoints = &self.inner.endpoints;
+        let first = endpoints[0].breaker(route);
+        // All breakers of a route share one config: checking one checks them all.
+        first.update_config(config.clone()).map_err(|error| {
+            ConfigError::new(
+                error
+                    .problems
+                    .into_iter()
+                    .map(|problem| {
+                        ConfigProblem::new(
+                            format!("breakers.{route}.{}", problem.path),
+                            problem.message,
+                        )
+                    })
+                    .collect(),
+            )
+        })?;
+        for endpoint in &endpoints[1..] {
+            endpoint
+                .breaker(route)
+                .update_config(config.clone())
+                .expect("valid for the first endpoint's breaker of the same route");
+        }
         Ok(())
     }
 
