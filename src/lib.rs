@@ -6,6 +6,7 @@ mod backend;
 pub mod breaker;
 pub mod cache;
 mod classify;
+pub mod config;
 mod endpoint;
 mod error;
 pub mod fallback;
@@ -17,6 +18,7 @@ pub mod telemetry;
 
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
+pub use config::PoolConfig;
 pub use endpoint::{EndpointOptions, PoolStatus, Role};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};

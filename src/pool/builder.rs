@@ -17,6 +17,7 @@ use crate::breaker::{
 };
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
+use crate::config::{EndpointConfig, PoolConfig};
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
 use crate::fallback::{FallbackContext, RouteFallbacks};
@@ -29,6 +30,8 @@ type ConnectOptionsOf<DB> = <<DB as sqlx::Database>::Connection as Connection>::
 enum Target<DB: Backend> {
     Url(String),
     Options(Box<ConnectOptionsOf<DB>>),
+    /// The configuration did not say where (a problem already recorded).
+    Unresolved,
 }
 
 struct EndpointSpec<DB: Backend> {
@@ -54,6 +57,8 @@ pub struct PoolBuilder<DB: Backend> {
     cache: Option<Arc<dyn Cache>>,
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
+    /// Problems found while reading a [`PoolConfig`], reported with the rest by `build`.
+    problems: Vec<ConfigProblem>,
     _database: PhantomData<DB>,
 }
 
@@ -95,8 +100,66 @@ impl<DB: Backend> PoolBuilder<DB> {
             cache: None,
             cache_timeout: Duration::from_millis(250),
             fallbacks: RouteFallbacks::default(),
+            problems: Vec::new(),
             _database: PhantomData,
         }
+    }
+
+    /// A builder set up as `config` says. Add what only code can give (listeners, a
+    /// classifier, fallbacks, a custom cache) and [`build`](Self::build): that reports every
+    /// problem of the configuration, those found here (an unset environment variable, ...)
+    /// included.
+    pub fn from_config(config: &PoolConfig) -> Self {
+        Self::configured(config, true)
+    }
+
+    /// `from_config`, without making the cache when `with_cache` is false (for validation).
+    pub(crate) fn configured(config: &PoolConfig, with_cache: bool) -> Self {
+        let mut builder = Self::new()
+            .endpoint_options(config.pool.clone())
+            .read_preference(config.read_preference)
+            .replica_selection(config.replica_selection)
+            .max_replica_lag(config.max_replica_lag)
+            .health_check_interval(config.health_check_interval)
+            .recovery_probes(config.recovery_probes)
+            .cache_timeout(config.cache.timeout);
+        for route in Route::ALL {
+            builder = builder.route(route, config.route(route));
+        }
+        let mut problems = Vec::new();
+        let mut spec = |endpoint: &EndpointConfig, path: &str, default_name: String| {
+            let target = match endpoint.resolve_url(path) {
+                Ok(url) => Target::Url(url),
+                Err(problem) => {
+                    problems.push(problem);
+                    Target::Unresolved
+                }
+            };
+            let name = endpoint.name.clone().unwrap_or(default_name);
+            EndpointSpec { name, target }
+        };
+        builder.primary = config
+            .primary
+            .as_ref()
+            .map(|primary| spec(primary, "primary", "primary".to_owned()));
+        builder.replicas = config
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, replica)| {
+                spec(
+                    replica,
+                    &format!("replicas[{index}]"),
+                    format!("replica-{}", index + 1),
+                )
+            })
+            .collect();
+        config.cache_problems(&mut problems);
+        if with_cache {
+            builder.cache = config.build_cache(&mut problems);
+        }
+        builder.problems = problems;
+        builder
     }
 
     /// The primary endpoint, named `primary`, by URL (`postgres://..`, `sqlite://..`).
@@ -259,10 +322,18 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
-    /// Builds the pool without opening a connection: the first call connects. Recovery
-    /// probes start now when called inside a tokio runtime, else with the first call.
-    pub fn build(self) -> Result<ProtectedPool<DB>> {
-        let mut problems = Vec::new();
+    /// Every problem of the configuration, or the endpoints' connect options.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn check(
+        &self,
+    ) -> std::result::Result<
+        (
+            Option<ConnectOptionsOf<DB>>,
+            Vec<Option<ConnectOptionsOf<DB>>>,
+        ),
+        ConfigError,
+    > {
+        let mut problems = self.problems.clone();
         let primary = match &self.primary {
             None => {
                 problems.push(ConfigProblem::new(
@@ -291,16 +362,15 @@ impl<DB: Backend> PoolBuilder<DB> {
             }
             names.push(&spec.name);
         }
-        self.options.validate_into("endpoint", &mut problems);
+        self.options.validate_into("pool", &mut problems);
         for route in Route::ALL {
             let config = &self.routes[route.index()];
-            let prefix = format!("routes.{route}");
             config
                 .breaker
-                .validate_into(&format!("{prefix}.breaker"), &mut problems);
+                .validate_into(&format!("breakers.{route}"), &mut problems);
             if config.timeout.is_zero() {
                 problems.push(ConfigProblem::new(
-                    format!("{prefix}.timeout"),
+                    format!("timeouts.{route}"),
                     "0s must be above zero",
                 ));
             }
@@ -315,8 +385,15 @@ impl<DB: Backend> PoolBuilder<DB> {
             ));
         }
         if !problems.is_empty() {
-            return Err(ConfigError::new(problems).into());
+            return Err(ConfigError::new(problems));
         }
+        Ok((primary, replicas))
+    }
+
+    /// Builds the pool without opening a connection: the first call connects. Recovery
+    /// probes start now when called inside a tokio runtime, else with the first call.
+    pub fn build(self) -> Result<ProtectedPool<DB>> {
+        let (primary, replicas) = self.check()?;
         let listeners = Arc::new(PoolListeners::default());
         for listener in self.listeners {
             listeners.add(listener);
@@ -433,6 +510,7 @@ fn connect_options<DB: Backend>(
     }
     match &spec.target {
         Target::Options(options) => Some((**options).clone()),
+        Target::Unresolved => None,
         Target::Url(url) => match ConnectOptionsOf::<DB>::from_str(url) {
             Ok(options) => Some(options),
             Err(error) => {

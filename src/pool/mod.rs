@@ -23,6 +23,7 @@ use crate::backend::Backend;
 use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
 use crate::cache::Cache;
 use crate::classify::Classifier;
+use crate::config::PoolConfig;
 use crate::endpoint::{Endpoint, PoolStatus, Role};
 use crate::error::{Error, Result};
 use crate::fallback::RouteFallbacks;
@@ -117,6 +118,12 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// A write statement, on the primary, never replayed.
     pub fn write<Q>(&self, query: Q) -> Routed<'_, DB, Q> {
         Routed::new(self, Route::Write, query)
+    }
+
+    /// A pool as `config` says, built without connecting (see [`PoolBuilder::build`]); for
+    /// listeners, fallbacks or a custom cache, use [`PoolBuilder::from_config`].
+    pub fn from_config(config: &PoolConfig) -> Result<Self> {
+        PoolBuilder::from_config(config).build()
     }
 
     /// A query of the auth route (logins, session checks).
