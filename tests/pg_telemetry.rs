@@ -17,8 +17,11 @@ use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
 // ---- metrics -------------------------------------------------------------------------------
 
+/// A metric's name, its labels and its value.
+type Entry = (String, Vec<(String, String)>, DebugValue);
+
 /// One snapshot of the recorder: counters hold what was added since the previous snapshot.
-struct Metrics(Vec<(String, Vec<(String, String)>, DebugValue)>);
+struct Metrics(Vec<Entry>);
 
 impl Metrics {
     fn take(snapshotter: &Snapshotter) -> Self {

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use memory::MemoryCache;
 #[cfg(feature = "redis")]
-pub use redis::RedisCache;
+pub use redis::{RedisCache, RedisCacheBuilder};
 
 /// The future of a cache operation.
 pub type CacheFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CacheError>> + Send + 'a>>;

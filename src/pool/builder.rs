@@ -497,6 +497,13 @@ fn log_transition(route: Route, endpoint: &str, change: &StateChange) {
     }
 }
 
+/// Whether `url` is one of this database's (sqlx would parse some others without a word).
+fn has_scheme<DB: Backend>(url: &str) -> bool {
+    url.split_once(':').is_some_and(|(scheme, _)| {
+        <DB as sqlx::Database>::URL_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str())
+    })
+}
+
 fn connect_options<DB: Backend>(
     spec: &EndpointSpec<DB>,
     path: &str,
@@ -511,6 +518,18 @@ fn connect_options<DB: Backend>(
     match &spec.target {
         Target::Options(options) => Some((**options).clone()),
         Target::Unresolved => None,
+        Target::Url(url) if !has_scheme::<DB>(url) => {
+            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+            problems.push(ConfigProblem::new(
+                format!("{path}.url"),
+                format!(
+                    "a {} URL starts with {}:, not {scheme:?}",
+                    DB::SYSTEM,
+                    <DB as sqlx::Database>::URL_SCHEMES.join(": or ")
+                ),
+            ));
+            None
+        }
         Target::Url(url) => match ConnectOptionsOf::<DB>::from_str(url) {
             Ok(options) => Some(options),
             Err(error) => {
