@@ -30,6 +30,11 @@ pub enum HealthStatus {
 pub struct HealthReport {
     /// The verdict.
     pub status: HealthStatus,
+    /// How long the pool has been up.
+    #[serde(with = "humantime_serde")]
+    pub uptime: Duration,
+    /// The kind of cache cached reads fall back on (`memory`, `redis`, ...).
+    pub cache: &'static str,
     /// Each endpoint, the primary first.
     pub endpoints: Vec<EndpointHealth>,
 }
@@ -65,9 +70,15 @@ pub struct RouteHealth {
 }
 
 impl HealthReport {
-    pub(crate) fn new(endpoints: Vec<EndpointHealth>) -> Self {
+    pub(crate) fn new(
+        uptime: Duration,
+        cache: &'static str,
+        endpoints: Vec<EndpointHealth>,
+    ) -> Self {
         Self {
             status: verdict(&endpoints),
+            uptime,
+            cache,
             endpoints,
         }
     }

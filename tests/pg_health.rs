@@ -76,6 +76,9 @@ async fn health_follows_the_endpoints_through_an_outage() {
     assert_eq!(json["endpoints"][0]["breakers"][0]["route"], "read");
     assert_eq!(json["endpoints"][0]["breakers"][0]["state"], "closed");
     assert_eq!(json["endpoints"][1]["role"], "replica");
+    assert_eq!(json["cache"], "memory");
+    assert!(report.uptime > Duration::ZERO);
+    assert!(json["uptime"].is_string(), "{}", json["uptime"]);
     assert!(
         !json.to_string().contains(&primary.url()),
         "no URL in the report"

@@ -436,6 +436,7 @@ impl<DB: Backend> PoolBuilder<DB> {
                 .unwrap_or_else(|| Arc::new(MemoryCache::default())),
             cache_timeout: self.cache_timeout,
             fallbacks: self.fallbacks,
+            started: std::time::Instant::now(),
         });
         inner.start_probes();
         Ok(ProtectedPool { inner })

@@ -76,6 +76,8 @@ pub(crate) struct PoolInner<DB: Backend> {
     /// The longest a cache operation may take before it counts as a miss.
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
+    /// When the pool was built.
+    started: std::time::Instant,
 }
 
 impl<DB: Backend> Clone for ProtectedPool<DB> {
@@ -304,6 +306,7 @@ impl<DB: Backend> ProtectedPool<DB> {
                     (replica_lag, self.inner.max_replica_lag),
                     (Some(lag), Some(max)) if lag > max
                 );
+            crate::telemetry::pool_status(&endpoint.name, endpoint.status());
             let breakers = endpoint
                 .breakers()
                 .map(|(route, breaker)| RouteHealth::new(route, breaker.snapshot()))
@@ -317,7 +320,12 @@ impl<DB: Backend> ProtectedPool<DB> {
                 breakers,
             )
         });
-        HealthReport::new(endpoints.collect())
+        let inner = &self.inner;
+        HealthReport::new(
+            inner.started.elapsed(),
+            inner.cache.kind(),
+            endpoints.collect(),
+        )
     }
 
     fn endpoint(&self, name: &str) -> Result<&Endpoint<DB>> {
