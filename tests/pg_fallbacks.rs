@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use protected_pool::breaker::{BreakerConfig, OpenDuration, State};
-use protected_pool::{ErrorClass, Postgres, ProtectedPool, Route, Source};
+use protected_pool::{ErrorClass, Postgres, ProtectedPool, Route, Served, Source};
 use protected_pool_testkit::PgServer;
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +64,36 @@ fn user_query(
     sqlx::query_as("SELECT id, name FROM users WHERE id = $1").bind(id)
 }
 
+const TTL: Duration = Duration::from_secs(600);
+
+/// User 1, cached, with a fallback of its own.
+async fn ada_or_nobody(pool: &ProtectedPool<Postgres>) -> protected_pool::Result<Served<User>> {
+    let nobody = User {
+        id: 0,
+        name: "nobody".into(),
+    };
+    pool.read(user_query(1))
+        .cached("user:1", TTL)
+        .or_fallback(move |_| Some(nobody))
+        .fetch_one()
+        .await
+}
+
+async fn all_users(pool: &ProtectedPool<Postgres>) -> protected_pool::Result<Served<Vec<User>>> {
+    pool.read(sqlx::query_as("SELECT id, name FROM users ORDER BY id"))
+        .cached("users:all", TTL)
+        .fetch_all()
+        .await
+}
+
+/// A user that does not exist: `None` is cached like any answer.
+async fn user_99(pool: &ProtectedPool<Postgres>) -> protected_pool::Result<Served<Option<User>>> {
+    pool.read(user_query(99))
+        .cached("user:99", TTL)
+        .fetch_optional()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_fall_back_in_order_when_the_database_is_down() {
     let server = PgServer::start().await.expect("server");
@@ -71,76 +101,30 @@ async fn reads_fall_back_in_order_when_the_database_is_down() {
     let ttl = Duration::from_secs(600);
 
     // Up: answered by the database, and stored.
-    let fresh = pool
-        .read(user_query(1))
-        .cached("user:1", ttl)
-        .or_fallback(|_| {
-            Some(User {
-                id: 0,
-                name: "nobody".into(),
-            })
-        })
-        .fetch_one()
-        .await
-        .expect("fresh read");
+    let fresh = ada_or_nobody(&pool).await.expect("fresh read");
     assert!(!fresh.is_stale());
     assert_eq!(fresh.endpoint(), Some("primary"));
     assert_eq!(fresh.age(), None);
     assert_eq!(fresh.name, "Ada");
-    let all = pool
-        .read(sqlx::query_as::<_, User>(
-            "SELECT id, name FROM users ORDER BY id",
-        ))
-        .cached("users:all", ttl)
-        .fetch_all()
-        .await
-        .expect("fresh list");
+    let all = all_users(&pool).await.expect("fresh list");
     assert_eq!(all.len(), 2);
     // A miss on a row that does not exist is cached as such.
-    let missing = pool
-        .read(user_query(99))
-        .cached("user:99", ttl)
-        .fetch_optional()
-        .await
-        .expect("fresh miss");
+    let missing = user_99(&pool).await.expect("fresh miss");
     assert_eq!(*missing, None);
 
     tokio::time::sleep(Duration::from_millis(20)).await;
     server.kill9().await.expect("kill -9");
 
     // 1. The cache: the same value as before, marked stale, with its age and the cause.
-    let cached = pool
-        .read(user_query(1))
-        .cached("user:1", ttl)
-        .or_fallback(|_| {
-            Some(User {
-                id: 0,
-                name: "nobody".into(),
-            })
-        })
-        .fetch_one()
-        .await
-        .expect("served from the cache");
+    let cached = ada_or_nobody(&pool).await.expect("served from the cache");
     assert!(cached.is_stale());
     assert_eq!(*cached, *fresh, "the cache wins over the call's fallback");
     assert!(cached.age().expect("a cached value has an age") >= Duration::from_millis(20));
     assert!(cached.cause().expect("cause").is_unavailable());
     assert!(matches!(cached.source(), Source::Cache { .. }));
-    let list = pool
-        .read(sqlx::query_as::<_, User>(
-            "SELECT id, name FROM users ORDER BY id",
-        ))
-        .cached("users:all", ttl)
-        .fetch_all()
-        .await
-        .expect("list from the cache");
+    let list = all_users(&pool).await.expect("list from the cache");
     assert_eq!(*list, *all);
-    let missing = pool
-        .read(user_query(99))
-        .cached("user:99", ttl)
-        .fetch_optional()
-        .await
-        .expect("the cached miss");
+    let missing = user_99(&pool).await.expect("the cached miss");
     assert!(missing.is_stale());
     assert_eq!(*missing, None);
     assert_eq!(
