@@ -42,6 +42,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use protected_pool::breaker::{BreakerConfig, OpenDuration};
 use protected_pool::{
     Error, ErrorClass, HealthStatus, ProtectedPool, Route, RouteConfig, Served, Source,
+    UnknownRoute,
 };
 use protected_pool_testkit::PgServer;
 use serde::{Deserialize, Serialize};
@@ -420,10 +421,9 @@ async fn reset_breakers(
         );
         return Err(([(WWW_AUTHENTICATE, challenge)], error).into_response());
     }
-    let Some(route) = Route::ALL.into_iter().find(|r| r.as_str() == route) else {
-        let message = format!("no route {route:?}: routes are read, write and auth");
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_route", message).into_response());
-    };
+    let route: Route = route.parse().map_err(|unknown: UnknownRoute| {
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_route", unknown.to_string()).into_response()
+    })?;
     let mut endpoints = Vec::new();
     for (name, _role) in state.pool.endpoints() {
         let reset = state

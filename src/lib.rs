@@ -27,6 +27,6 @@ pub use pool::{
     CallFallback, Degradable, NoFallback, PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture,
     RoutableQuery, Routed, Statement,
 };
-pub use route::{Route, RouteConfig};
+pub use route::{Route, RouteConfig, UnknownRoute};
 pub use router::{ReadPreference, ReplicaSelection};
 pub use sqlx::{Postgres, Sqlite};

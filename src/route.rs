@@ -43,6 +43,23 @@ impl Route {
     }
 }
 
+impl std::str::FromStr for Route {
+    type Err = UnknownRoute;
+
+    /// `read`, `write` or `auth`, as in reports, metrics labels and config files.
+    fn from_str(name: &str) -> Result<Self, UnknownRoute> {
+        Route::ALL
+            .into_iter()
+            .find(|route| route.as_str() == name)
+            .ok_or_else(|| UnknownRoute(name.to_owned()))
+    }
+}
+
+/// A name that is not a route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no route named {0:?}: the routes are read, write and auth")]
+pub struct UnknownRoute(pub String);
+
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
