@@ -1,24 +1,34 @@
 //! The pool on an embedded SQLite file: reads and writes, a bad query that trips nothing, then
 //! a real outage (another process holds an exclusive lock on the file), the breakers tripping,
-//! calls rejected fast, and recovery once the lock is gone.
+//! calls rejected fast, a cached read served while the database cannot answer, and recovery
+//! once the lock is gone.
 //!
 //! `cargo run --example quickstart` — no server needed.
 
 use std::time::{Duration, Instant};
 
 use protected_pool::breaker::{BreakerConfig, OpenDuration};
-use protected_pool::{ErrorClass, ProtectedPool, Route, Sqlite};
+use protected_pool::{ErrorClass, ProtectedPool, Route, Served, Sqlite};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct User {
     id: i64,
     name: String,
     email: String,
+}
+
+/// A user read that is cached for a minute: while the database cannot answer, the last value
+/// read is served, marked stale.
+async fn read_user(pool: &ProtectedPool<Sqlite>, id: i64) -> protected_pool::Result<Served<User>> {
+    pool.read(sqlx::query_as("SELECT id, name, email FROM users WHERE id = ?").bind(id))
+        .cached(format!("user:{id}"), Duration::from_secs(60))
+        .fetch_one()
+        .await
 }
 
 #[tokio::main]
@@ -63,11 +73,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .execute()
         .await?;
     }
-    let user: User = pool
-        .read(sqlx::query_as("SELECT id, name, email FROM users WHERE id = ?").bind(2_i64))
-        .fetch_one()
-        .await?;
-    println!("   read {user:?}");
+    let user = read_user(&pool, 2).await?;
+    println!(
+        "   read {:?} from {}",
+        *user,
+        user.endpoint().unwrap_or("?")
+    );
 
     println!("2. bad queries are the caller's problem, not an outage");
     for _ in 0..20 {
@@ -108,6 +119,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         }
     }
+
+    let user = read_user(&pool, 2).await?;
+    println!(
+        "   cached read: {:?}, stale: {}, stored {:.1?} ago",
+        user.name,
+        user.is_stale(),
+        user.age().unwrap_or_default()
+    );
 
     println!("4. the lock is released; after the open duration a trial call closes the breaker");
     sqlx::query("ROLLBACK").execute(&mut locker).await?;
