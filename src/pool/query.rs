@@ -474,9 +474,9 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F> Degradable<'p, DB, Q, F> {
                 cache,
                 fallback,
             };
-            inner
-                .serve(plan, inner.run_erased(route, replayable, &*fetch))
-                .await
+            // Boxed: the endpoint loop's future is large, and `serve` and the span move it.
+            let call = Box::pin(inner.run_erased(route, replayable, &*fetch));
+            inner.serve(plan, call).await
         }
     }
 }
