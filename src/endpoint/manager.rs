@@ -110,7 +110,18 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         }
         let losses = self.losses.load(Ordering::Relaxed);
         if connection.checked_at_loss != losses || metrics.last_used() >= self.idle_check_after {
-            connection.raw.ping().await.map_err(RecycleError::Backend)?;
+            // Bounded here rather than by deadpool's recycle timeout, which would arm a timer
+            // on every checkout, pinged or not. A ping that hangs drops the connection and
+            // the pool opens another.
+            match tokio::time::timeout(self.connect_timeout, connection.raw.ping()).await {
+                Ok(pinged) => pinged.map_err(RecycleError::Backend)?,
+                Err(_) => {
+                    return Err(RecycleError::message(format!(
+                        "no answer to a ping within {:?}",
+                        self.connect_timeout
+                    )));
+                }
+            }
             connection.checked_at_loss = losses;
         }
         Ok(())

@@ -96,7 +96,8 @@ impl<DB: Backend> Endpoint<DB> {
             .timeouts(Timeouts {
                 wait: Some(options.wait_timeout),
                 create: None,
-                recycle: Some(options.connect_timeout),
+                // The manager bounds its own ping (see `recycle`).
+                recycle: None,
             })
             .runtime(Runtime::Tokio1)
             .build()
