@@ -566,3 +566,68 @@ async fn hung_server_times_reads_out_opens_the_read_breaker_and_recovers() {
     assert_eq!(status.waiting, 0, "{status:?}");
     assert_eq!(status.size, status.idle, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_probes_no_caller_is_sent_to_a_hung_server_as_a_trial() {
+    let pg = events_server().await;
+    let changes = Changes::default();
+    let read_timeout = ms(500);
+    let pool = ProtectedPool::<Postgres>::builder()
+        .primary(pg.url())
+        .endpoint_options(EndpointOptions {
+            connect_timeout: ms(1000),
+            ..EndpointOptions::default()
+        })
+        .breaker(Route::Read, quick(BreakerConfig::read()))
+        .timeout(Route::Read, read_timeout)
+        .health_check_interval(ms(100))
+        .on_state_change(changes.listener())
+        .connect()
+        .await
+        .expect("connect");
+    call(&pool, Route::Read).await.expect("healthy read");
+
+    pg.pause().expect("SIGSTOP");
+    let paused = ResumeOnDrop(&pg);
+    let breaker = pool.breaker(Route::Read, "primary").unwrap();
+    for _ in 0..consecutive_threshold(Route::Read) {
+        let (result, _) = timed(call(&pool, Route::Read)).await;
+        result.expect_err("a read from a hung server succeeded");
+    }
+    assert_eq!(breaker.state(), State::Open);
+
+    // Past several open durations the server is still hung: the probe keeps trying (and
+    // failing), and every caller meanwhile is refused at once instead of being the trial that
+    // waits out the timeout on the stopped server.
+    let until = Instant::now() + 3 * OPEN_MAX;
+    let mut calls = 0;
+    while Instant::now() < until {
+        let (result, elapsed) = timed(call(&pool, Route::Read)).await;
+        assert_rejected(result, elapsed, Route::Read);
+        calls += 1;
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert!(calls > 50, "only {calls} calls");
+    let reopened = changes
+        .of("primary", Route::Read)
+        .iter()
+        .filter(|&&transition| transition == (State::HalfOpen, State::Open))
+        .count();
+    assert!(
+        reopened >= 1,
+        "the probe made no trial: {:?}",
+        changes.of("primary", Route::Read)
+    );
+
+    pg.resume().expect("SIGCONT");
+    drop(paused);
+    let deadline = Instant::now() + HANG_GUARD;
+    while breaker.state() != State::Closed {
+        assert!(
+            Instant::now() < deadline,
+            "the probe never closed the breaker"
+        );
+        tokio::time::sleep(ms(20)).await;
+    }
+    call(&pool, Route::Read).await.expect("read after recovery");
+}

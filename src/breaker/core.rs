@@ -276,6 +276,33 @@ impl Inner {
         }
     }
 
+    /// A permit only while closed or disabled: when trial calls are left to a health probe,
+    /// callers are refused until it has closed the breaker.
+    #[inline(always)]
+    pub(crate) fn try_acquire_untried(&self) -> Result<Permit<'_>, Rejected> {
+        let word = self.word.load(Ordering::Acquire);
+        match word & STATE_MASK {
+            CLOSED | DISABLED => Ok(Permit::normal(self, word)),
+            _ => Err(self.refuse_untried(word)),
+        }
+    }
+
+    #[cold]
+    fn refuse_untried(&self, word: u64) -> Rejected {
+        self.stripes.record_rejected();
+        let state = unpack_state(word);
+        let retry_after = match state {
+            // A trial is (or is about to be) under way: soon.
+            State::Open | State::HalfOpen => Some(Duration::from_nanos(
+                self.open_until
+                    .load(Ordering::Acquire)
+                    .saturating_sub(self.clock.now_nanos()),
+            )),
+            _ => None,
+        };
+        Rejected { state, retry_after }
+    }
+
     /// A half-open trial permit if one is free now, for health probes: no refusal is counted,
     /// since a probe that finds nothing to try is not a call.
     pub(crate) fn try_acquire_trial(&self) -> Option<Permit<'_>> {

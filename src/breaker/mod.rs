@@ -82,6 +82,15 @@ impl CircuitBreaker {
         self.inner.try_acquire()
     }
 
+    /// Like [`try_acquire`](Self::try_acquire), but never admits a trial call: open or
+    /// half-open, the caller is refused (with `retry_after`) and the trials are left to a
+    /// health probe using [`try_acquire_trial`](Self::try_acquire_trial), so no caller is the
+    /// one that finds out whether the service is back.
+    #[inline(always)]
+    pub fn try_acquire_untried(&self) -> Result<Permit<'_>, Rejected> {
+        self.inner.try_acquire_untried()
+    }
+
     /// A half-open trial permit if one is free right now (turning an open breaker whose open
     /// duration has passed half-open), else `None`; a refusal is not counted. For health
     /// probes, which only ever want to make trial calls.

@@ -161,7 +161,15 @@ impl<DB: Backend> PoolInner<DB> {
                 return Err((error, Next::TryAnother));
             }
         }
-        let permit = endpoint.breaker(route).try_acquire().map_err(|rejected| {
+        let breaker = endpoint.breaker(route);
+        // With recovery probes, trials are the probe's: a caller is never the one sent to a
+        // server that may still be hung.
+        let permit = if self.probes.take_trials() {
+            breaker.try_acquire_untried()
+        } else {
+            breaker.try_acquire()
+        };
+        let permit = permit.map_err(|rejected| {
             endpoint.metrics(route).rejected();
             let error = Error::CircuitOpen {
                 route,

@@ -38,6 +38,11 @@ impl Probes {
         }
     }
 
+    /// Whether the probes make the half-open trials (so calls never do).
+    pub(crate) fn take_trials(&self) -> bool {
+        self.enabled
+    }
+
     pub(crate) fn stop(&self) {
         self.stop.send_replace(true);
     }
