@@ -487,19 +487,27 @@ impl Drop for ResumeOnDrop<'_> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hung_server_times_reads_out_opens_the_read_breaker_and_recovers() {
-    let pg = events_server().await;
-    let changes = Changes::default();
-    let read_timeout = ms(500);
-    let pool = ProtectedPool::<Postgres>::builder()
+const HANG_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A pool for the hung-server scenarios: a 1 s connect timeout, the quick read breaker and a
+/// 500 ms read timeout.
+fn hang_pool(pg: &PgServer) -> PoolBuilder<Postgres> {
+    ProtectedPool::<Postgres>::builder()
         .primary(pg.url())
         .endpoint_options(EndpointOptions {
             connect_timeout: ms(1000),
             ..EndpointOptions::default()
         })
         .breaker(Route::Read, quick(BreakerConfig::read()))
-        .timeout(Route::Read, read_timeout)
+        .timeout(Route::Read, HANG_READ_TIMEOUT)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_server_times_reads_out_opens_the_read_breaker_and_recovers() {
+    let pg = events_server().await;
+    let changes = Changes::default();
+    let read_timeout = HANG_READ_TIMEOUT;
+    let pool = hang_pool(&pg)
         // User calls are the trials here; probe-driven recovery has its own test.
         .recovery_probes(false)
         .on_state_change(changes.listener())
@@ -571,15 +579,7 @@ async fn hung_server_times_reads_out_opens_the_read_breaker_and_recovers() {
 async fn with_probes_no_caller_is_sent_to_a_hung_server_as_a_trial() {
     let pg = events_server().await;
     let changes = Changes::default();
-    let read_timeout = ms(500);
-    let pool = ProtectedPool::<Postgres>::builder()
-        .primary(pg.url())
-        .endpoint_options(EndpointOptions {
-            connect_timeout: ms(1000),
-            ..EndpointOptions::default()
-        })
-        .breaker(Route::Read, quick(BreakerConfig::read()))
-        .timeout(Route::Read, read_timeout)
+    let pool = hang_pool(&pg)
         .health_check_interval(ms(100))
         .on_state_change(changes.listener())
         .connect()
