@@ -404,40 +404,41 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F> Degradable<'p, DB, Q, F> {
     }
 
     /// Exactly one row; no row is an error of class `Query` (and no fallback runs for it).
-    pub fn fetch_one(self) -> impl Future<Output = Result<Served<Q::Output>>> + Send + 'p
+    pub fn fetch_one(mut self) -> impl Future<Output = Result<Served<Q::Output>>> + Send + 'p
     where
         F: CallFallback<Q::Output>,
     {
-        let cache = self.cache_request(|codecs| codecs.one);
+        let cache = self.take_cache(|codecs| codecs.one);
         self.run(fetch_one_on::<DB, Q>, true, cache)
     }
 
     /// At most one row.
     pub fn fetch_optional(
-        self,
+        mut self,
     ) -> impl Future<Output = Result<Served<Option<Q::Output>>>> + Send + 'p
     where
         F: CallFallback<Option<Q::Output>>,
     {
-        let cache = self.cache_request(|codecs| codecs.optional);
+        let cache = self.take_cache(|codecs| codecs.optional);
         self.run(Q::fetch_optional_on, true, cache)
     }
 
     /// Every row.
-    pub fn fetch_all(self) -> impl Future<Output = Result<Served<Vec<Q::Output>>>> + Send + 'p
+    pub fn fetch_all(mut self) -> impl Future<Output = Result<Served<Vec<Q::Output>>>> + Send + 'p
     where
         F: CallFallback<Vec<Q::Output>>,
     {
-        let cache = self.cache_request(|codecs| codecs.all);
+        let cache = self.take_cache(|codecs| codecs.all);
         self.run(Q::fetch_all_on, true, cache)
     }
 
-    fn cache_request<T>(
-        &self,
+    /// The call's cache request (its key moved, not copied), in the form of one `fetch_*`.
+    fn take_cache<T>(
+        &mut self,
         pick: impl FnOnce(&CacheCodecs<Q::Output>) -> fn(String, Duration) -> CacheRequest<T>,
     ) -> Option<CacheRequest<T>> {
-        let (key, ttl, codecs) = self.cache.as_ref()?;
-        Some(pick(codecs)(key.clone(), *ttl))
+        let (key, ttl, codecs) = self.cache.take()?;
+        Some(pick(&codecs)(key, ttl))
     }
 
     /// Runs the query through the pool; `replayable` reads may be repeated on the next
