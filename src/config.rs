@@ -503,10 +503,16 @@ impl PoolConfig {
         }
     }
 
-    /// Every problem, each with its path: missing URLs or environment variables, malformed
-    /// URLs, out-of-range thresholds, zero sizes and durations.
+    /// Every problem of a PostgreSQL pool's configuration, each with its path: missing URLs
+    /// or environment variables, malformed URLs, out-of-range thresholds, zero sizes and
+    /// durations. For SQLite, [`validate_for::<Sqlite>`](Self::validate_for).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::PoolBuilder::<sqlx::Postgres>::configured(self, false)
+        self.validate_for::<sqlx::Postgres>()
+    }
+
+    /// [`validate`](Self::validate) for a pool of `DB` (its URLs are checked as `DB`'s).
+    pub fn validate_for<DB: crate::Backend>(&self) -> Result<(), ConfigError> {
+        crate::PoolBuilder::<DB>::configured(self, false)
             .check()
             .map(drop)
     }
@@ -677,6 +683,14 @@ mod tests {
                 .starts_with("pool.max_connections (line 1"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn urls_are_validated_as_the_named_database() {
+        let config = PoolConfig::from_toml("[primary]\nurl = \"sqlite::memory:\"\n").unwrap();
+        config.validate_for::<sqlx::Sqlite>().unwrap();
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.problems[0].path, "primary.url", "{error}");
     }
 
     #[test]
