@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::{Database, Executor, Postgres, Sqlite};
 
 use crate::classify::{self, ErrorClass};
+use crate::route::Route;
 
 mod sealed {
     pub trait Sealed {}
@@ -43,6 +44,43 @@ pub trait Backend:
     fn classify(error: &sqlx::Error) -> ErrorClass {
         classify::classify_sqlx(error, Self::classify_code)
     }
+
+    /// Whether `error` leaves the connection unusable. Decided from the error itself, never
+    /// from its class: a custom classifier may call anything `Query`, and must not make the
+    /// pool keep a dead socket.
+    #[doc(hidden)]
+    fn breaks_connection(error: &sqlx::Error) -> bool {
+        matches!(
+            error,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed
+        )
+    }
+
+    /// A recovery probe's check that the endpoint can serve `route`: a real statement, so
+    /// that what fails a call fails the probe too.
+    #[doc(hidden)]
+    fn probe(
+        connection: &mut Self::Connection,
+        route: Route,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The server process behind `connection`, for stopping a statement we gave up on;
+    /// `None` where there is no server.
+    #[doc(hidden)]
+    fn server_pid(
+        connection: &mut Self::Connection,
+    ) -> impl Future<Output = Result<Option<i32>, sqlx::Error>> + Send;
+
+    /// Asks the server to stop whatever the process `pid` is running, over a connection of
+    /// its own (the one running the statement is busy).
+    #[doc(hidden)]
+    fn cancel(
+        options: &<Self::Connection as sqlx::Connection>::Options,
+        pid: i32,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
 impl Backend for Postgres {
@@ -84,6 +122,52 @@ impl Backend for Postgres {
         }
     }
 
+    fn breaks_connection(error: &sqlx::Error) -> bool {
+        match error {
+            // A FATAL or PANIC error ends the session, whatever its code.
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }),
+            other => matches!(
+                other,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed
+            ),
+        }
+    }
+
+    async fn probe(connection: &mut Self::Connection, _route: Route) -> Result<(), sqlx::Error> {
+        sqlx::Connection::ping(connection).await
+    }
+
+    async fn server_pid(connection: &mut Self::Connection) -> Result<Option<i32>, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(connection)
+            .await
+            .map(Some)
+    }
+
+    async fn cancel(
+        options: &sqlx::postgres::PgConnectOptions,
+        pid: i32,
+    ) -> Result<(), sqlx::Error> {
+        // pg_cancel_backend, not a CancelRequest: sqlx keeps the session's secret key to
+        // itself. A role may cancel its own sessions, so no privilege is needed.
+        let mut connection = sqlx::ConnectOptions::connect(options).await?;
+        sqlx::query("SELECT pg_cancel_backend($1)")
+            .bind(pid)
+            .execute(&mut connection)
+            .await?;
+        sqlx::Connection::close(connection).await
+    }
+
     async fn replication_lag(
         connection: &mut Self::Connection,
     ) -> Result<Option<Duration>, sqlx::Error> {
@@ -115,6 +199,43 @@ impl Backend for Sqlite {
 
     fn classify_code(code: &str) -> ErrorClass {
         classify::sqlite_result_code(code)
+    }
+
+    fn breaks_connection(error: &sqlx::Error) -> bool {
+        match error {
+            // IOERR, CORRUPT, CANTOPEN, NOTADB: the file under the connection is not usable.
+            sqlx::Error::Database(db) => db
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| matches!(code & 0xff, 10 | 11 | 14 | 26)),
+            other => matches!(other, sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed),
+        }
+    }
+
+    async fn probe(connection: &mut Self::Connection, route: Route) -> Result<(), sqlx::Error> {
+        // sqlx's ping never touches the file: a locked or vanished file would pass it. Reading
+        // the schema version takes a shared lock; a write probe takes the write lock a write
+        // would need, and gives it back at once.
+        sqlx::query("PRAGMA schema_version")
+            .execute(&mut *connection)
+            .await?;
+        if route == Route::Write {
+            sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK")
+                .execute(&mut *connection)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn server_pid(_connection: &mut Self::Connection) -> Result<Option<i32>, sqlx::Error> {
+        Ok(None)
+    }
+
+    async fn cancel(
+        _options: &sqlx::sqlite::SqliteConnectOptions,
+        _pid: i32,
+    ) -> Result<(), sqlx::Error> {
+        Ok(())
     }
 
     async fn replication_lag(

@@ -38,8 +38,10 @@ pub enum ErrorClass {
     /// deadlock, `55P03` lock not available; SQLite `ABORT`, `SCHEMA`.
     Transient,
     /// The statement was wrong or met the data: syntax, undefined objects, privileges (`42`),
-    /// data (`22`), constraints (`23`), no row, decode and encode errors. The server is
-    /// healthy: for the breaker this is a success.
+    /// data (`22`), constraints (`23`), any other code a server answered with that is not
+    /// listed under another class (`54000` program limit, `P0001` and custom codes raised by
+    /// the caller's functions, ...), no row, decode and encode errors. The server is healthy:
+    /// for the breaker this is a success.
     Query,
     /// The request could not be made as configured (a malformed URL or option).
     Configuration,
@@ -100,7 +102,8 @@ pub(crate) fn classify_sqlx(error: &sqlx::Error, database: fn(&str) -> ErrorClas
     match error {
         E::Database(db) => match db.code() {
             Some(code) => database(&code),
-            None => ErrorClass::Unknown,
+            // The server (or the embedded engine) answered, without a code.
+            None => ErrorClass::Query,
         },
         E::Io(io) => classify_io(io),
         E::Tls(_) | E::Protocol(_) | E::WorkerCrashed | E::BeginFailed => ErrorClass::Connection,
@@ -144,13 +147,12 @@ pub(crate) fn postgres_sqlstate(code: &str) -> ErrorClass {
             Some("58") => ErrorClass::Server,
             Some("28") => ErrorClass::Auth,
             Some("40") => ErrorClass::Transient,
-            // The server understood us and said no: the statement, the data or the
-            // transaction state was wrong, not the server.
-            Some(
-                "0A" | "21" | "22" | "23" | "25" | "26" | "27" | "2B" | "2D" | "2F" | "34" | "38"
-                | "39" | "3B" | "3F" | "42" | "44" | "P0" | "55",
-            ) => ErrorClass::Query,
-            _ => ErrorClass::Unknown,
+            // Any other code came in an error the server answered with: it understood us
+            // and said no (the statement, the data, a limit, a code raised by the caller's own
+            // function). A server that answers is alive. An error that ended the session is
+            // raised as FATAL, which `Backend::classify` turns into Connection whatever its
+            // code.
+            _ => ErrorClass::Query,
         },
     }
 }
@@ -195,7 +197,13 @@ mod tests {
             ("42601", ErrorClass::Query),
             ("23505", ErrorClass::Query),
             ("22012", ErrorClass::Query),
-            ("F0000", ErrorClass::Unknown),
+            // Answered, not listed: the server is alive.
+            ("F0000", ErrorClass::Query),
+            ("54000", ErrorClass::Query),
+            ("0B000", ErrorClass::Query),
+            ("HV000", ErrorClass::Query),
+            ("72000", ErrorClass::Query),
+            ("ZZ123", ErrorClass::Query),
         ] {
             assert_eq!(postgres_sqlstate(code), class, "{code}");
         }

@@ -16,7 +16,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The route's breaker on the endpoint refused the call: nothing was sent.
-    #[error("{route} call refused by endpoint {endpoint}: {rejected}")]
+    #[error(
+        "{route} call refused by endpoint {endpoint}: {rejected}{}",
+        match cause { Some(cause) => format!("; the last recovery probe found: {cause}"), None => String::new() }
+    )]
     CircuitOpen {
         /// The route.
         route: Route,
@@ -24,6 +27,24 @@ pub enum Error {
         endpoint: Arc<str>,
         /// The breaker's answer, with when to retry.
         rejected: Rejected,
+        /// What the endpoint's recovery probe last met there, when it was not a success (a
+        /// server rejecting the pool's credentials, say): why the breaker is still not closed.
+        cause: Option<Arc<Error>>,
+    },
+    /// Every connection of the endpoint's pool was in use for as long as the call could wait:
+    /// this pool is saturated. The server was not contacted, and nothing counts against its
+    /// breaker.
+    #[error(
+        "{route} call on endpoint {endpoint}: no free connection in the pool within {waited:?} \
+         (the pool is saturated; the server was not contacted)"
+    )]
+    Saturated {
+        /// The route.
+        route: Route,
+        /// The endpoint.
+        endpoint: Arc<str>,
+        /// How long the call waited for a connection.
+        waited: Duration,
     },
     /// The database or the connection to it failed.
     #[error(
@@ -123,6 +144,7 @@ impl Error {
     pub fn route(&self) -> Option<Route> {
         match self {
             Self::CircuitOpen { route, .. }
+            | Self::Saturated { route, .. }
             | Self::Database { route, .. }
             | Self::Timeout { route, .. }
             | Self::AllEndpointsFailed { route, .. }
@@ -135,6 +157,7 @@ impl Error {
     pub fn endpoint(&self) -> Option<&str> {
         match self {
             Self::CircuitOpen { endpoint, .. }
+            | Self::Saturated { endpoint, .. }
             | Self::Database { endpoint, .. }
             | Self::Timeout { endpoint, .. }
             | Self::ReplicaLagging { endpoint, .. } => Some(endpoint),
@@ -145,11 +168,14 @@ impl Error {
         }
     }
 
-    /// The failure's class (the last endpoint's, when several were tried); `None` for a
-    /// refusal, a skipped replica, a closed pool or bad configuration.
+    /// The failure's class (the last endpoint's, when several were tried); for a refusal,
+    /// the class of what the endpoint's recovery probe last met there, if anything; `None`
+    /// for a plain refusal, a saturated pool, a skipped replica, a closed pool or bad
+    /// configuration.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
             Self::Database { class, .. } => Some(*class),
+            Self::CircuitOpen { cause, .. } => cause.as_ref().and_then(|cause| cause.class()),
             Self::Timeout { .. } => Some(ErrorClass::Timeout),
             Self::InvalidQuery { .. } => Some(ErrorClass::Query),
             Self::AllEndpointsFailed { attempts, .. } => attempts
@@ -180,7 +206,10 @@ impl Error {
     /// query error, a rejected password or a closed pool is not such a case.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::CircuitOpen { .. } | Self::ReplicaLagging { .. } | Self::Timeout { .. } => true,
+            Self::CircuitOpen { .. }
+            | Self::Saturated { .. }
+            | Self::ReplicaLagging { .. }
+            | Self::Timeout { .. } => true,
             Self::Database { route, class, .. } => class.counts_as_failure(*route),
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()

@@ -24,8 +24,8 @@ pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, HealthReport, HealthStatus, RouteHealth};
 pub use pool::{
-    CallFallback, Degradable, NoFallback, PoolBuilder, PoolStateChange, ProtectedPool, QueryFuture,
-    RoutableQuery, Routed, Statement,
+    Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, PoolBuilder, PoolStateChange,
+    ProtectedPool, RoutableQuery, Routed,
 };
 pub use route::{Route, RouteConfig, UnknownRoute};
 pub use router::{ReadPreference, ReplicaSelection};

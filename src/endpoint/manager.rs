@@ -11,14 +11,18 @@ use sqlx::{ConnectOptions, Connection};
 use super::EndpointOptions;
 use crate::backend::Backend;
 
-/// A pooled connection and what the pool needs to know about it.
+/// A pooled connection and what the pool needs to know about it. The flags are set only by
+/// [`Checkout`](super::Checkout), which owns the connection while it is out of the pool.
 pub(crate) struct PooledConnection<DB: Backend> {
     pub(crate) raw: DB::Connection,
     /// A statement is in flight. If the connection comes back still busy, its caller was
-    /// cancelled mid-statement and the protocol state is unknown: it is closed, not reused.
+    /// cancelled (or timed out) mid-statement and the protocol state is unknown: it is closed,
+    /// not reused, and the server is asked to stop the statement.
     pub(crate) busy: bool,
-    /// It saw a connection-class error.
+    /// It saw an error that ends a session (I/O, TLS, protocol, FATAL).
     pub(crate) broken: bool,
+    /// The server process behind it, where there is one.
+    pub(crate) server_pid: Option<i32>,
     expires_at: Option<Instant>,
     /// The endpoint's connection-loss count when this connection was last known good.
     checked_at_loss: u64,
@@ -57,6 +61,46 @@ impl<DB: Backend> ConnectionManager<DB> {
         self.losses.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether `connection` was known good after the last loss on this endpoint.
+    pub(crate) fn checked_since_last_loss(&self, connection: &PooledConnection<DB>) -> bool {
+        connection.checked_at_loss == self.losses.load(Ordering::Relaxed)
+    }
+
+    /// Asks the server to stop the statement the process `pid` is running, in the
+    /// background: called when a connection is given up mid-statement, so the server does
+    /// not run on for a caller that is gone (it notices a closed socket only when it next
+    /// writes to it).
+    pub(crate) fn stop_statement(&self, pid: i32) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (options, limit) = (self.options.clone(), self.connect_timeout);
+        runtime.spawn(async move {
+            match tokio::time::timeout(limit, DB::cancel(&options, pid)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, pid, "could not stop a statement"),
+                Err(_) => tracing::debug!(pid, "no answer to a statement cancel"),
+            }
+        });
+    }
+
+    /// Whether the server answers a new connection within `limit`: any answer, an error
+    /// included, says it is alive.
+    pub(crate) async fn answers(&self, limit: Duration) -> bool {
+        let connect = Box::pin(self.options.connect());
+        match tokio::time::timeout(limit, connect).await {
+            Ok(Ok(connection)) => {
+                // Said goodbye in the background: the answer is already in.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), connection.close()).await;
+                });
+                true
+            }
+            Ok(Err(sqlx::Error::Database(_))) => true,
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+
     fn lifetime(&self) -> Option<Duration> {
         self.max_lifetime
             .map(|max| max.mul_f64(1.0 - self.max_lifetime_jitter * fastrand::f64()))
@@ -83,10 +127,22 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
                 )));
             }
         };
+        let mut raw = raw;
+        let server_pid =
+            match tokio::time::timeout(self.connect_timeout, DB::server_pid(&mut raw)).await {
+                Ok(pid) => pid?,
+                Err(_) => {
+                    return Err(sqlx::Error::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", self.connect_timeout),
+                    )));
+                }
+            };
         Ok(PooledConnection {
             raw,
             busy: false,
             broken: false,
+            server_pid,
             expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })

@@ -1,5 +1,6 @@
 //! One endpoint: a database server, its connection pool and its breaker per route.
 
+mod checkout;
 mod manager;
 mod options;
 
@@ -13,11 +14,13 @@ use deadpool::managed::{Object, Pool, PoolError, Timeouts};
 use serde::{Deserialize, Serialize};
 
 pub use options::EndpointOptions;
+pub(crate) use options::duration_problem;
 
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
 use crate::route::Route;
 use crate::telemetry::RouteMetrics;
+pub(crate) use checkout::Checkout;
 pub(crate) use manager::{ConnectionManager, PooledConnection};
 
 /// What an endpoint is for.
@@ -48,6 +51,8 @@ pub(crate) type Connection<DB> = Object<ConnectionManager<DB>>;
 
 pub(crate) struct Endpoint<DB: Backend> {
     pub(crate) name: Arc<str>,
+    /// Its place in the pool's endpoints (the primary is 0).
+    pub(crate) index: usize,
     pub(crate) role: Role,
     pool: Pool<ConnectionManager<DB>>,
     breakers: [CircuitBreaker; 3],
@@ -85,6 +90,7 @@ impl<DB: Backend> fmt::Debug for Endpoint<DB> {
 impl<DB: Backend> Endpoint<DB> {
     pub(crate) fn new(
         name: Arc<str>,
+        index: usize,
         role: Role,
         manager: ConnectionManager<DB>,
         options: &EndpointOptions,
@@ -105,6 +111,7 @@ impl<DB: Backend> Endpoint<DB> {
         let metrics = Route::ALL.map(|route| RouteMetrics::new(route, name.clone()));
         Self {
             name,
+            index,
             role,
             pool,
             breakers,
@@ -152,8 +159,18 @@ impl<DB: Backend> Endpoint<DB> {
         Route::ALL.into_iter().zip(self.breakers.iter())
     }
 
-    pub(crate) async fn get(&self) -> Result<Connection<DB>, PoolError<sqlx::Error>> {
-        self.pool.get().await
+    /// A connection, waiting at most `wait` for a free one (a wait of zero takes one only if
+    /// one is free now). Opening or checking one is bounded by the manager, not by `wait`.
+    pub(crate) async fn checkout(
+        &self,
+        wait: Duration,
+    ) -> Result<Checkout<DB>, PoolError<sqlx::Error>> {
+        let timeouts = Timeouts {
+            wait: Some(wait),
+            create: None,
+            recycle: None,
+        };
+        self.pool.timeout_get(&timeouts).await.map(Checkout::new)
     }
 
     /// A new connection could not be made: the idle ones are suspect too.
@@ -161,15 +178,42 @@ impl<DB: Backend> Endpoint<DB> {
         self.pool.manager().connection_lost();
     }
 
-    /// Closes a connection instead of returning it to the pool. One that was lost makes the
-    /// pool check its siblings before handing them out.
-    pub(crate) fn discard(connection: Connection<DB>) {
-        if connection.broken {
-            if let Some(pool) = Object::pool(&connection) {
-                pool.manager().connection_lost();
-            }
+    /// Whether the server answers a new connection within `limit` (any answer, an error
+    /// included).
+    pub(crate) async fn answers(&self, limit: Duration) -> bool {
+        self.pool.manager().answers(limit).await
+    }
+
+    /// Pings one idle connection, if there is one. If it is dead, the server went away since
+    /// it was last used (a crash, a restart): every idle connection not checked since is
+    /// closed now, so no caller meets one. Returns how many were closed.
+    pub(crate) async fn check_idle(&self, limit: Duration) -> usize {
+        if self.pool.status().available == 0 {
+            return 0;
         }
-        drop(Object::take(connection));
+        let Ok(Ok(mut checkout)) = tokio::time::timeout(limit, self.checkout(Duration::ZERO)).await
+        else {
+            return 0;
+        };
+        let pinged = tokio::time::timeout(
+            limit,
+            checkout.run(async |raw| sqlx::Connection::ping(raw).await),
+        )
+        .await;
+        let dead = match pinged {
+            Ok(Ok(())) => false,
+            Ok(Err(_)) => checkout.is_broken(),
+            Err(_) => false, // a hang is the breakers' business, not a sign of a restart
+        };
+        drop(checkout);
+        if !dead {
+            return 0;
+        }
+        let manager = self.pool.manager();
+        self.pool
+            .retain(|connection, _| manager.checked_since_last_loss(connection))
+            .removed
+            .len()
     }
 
     pub(crate) fn status(&self) -> PoolStatus {

@@ -46,6 +46,24 @@ impl Default for EndpointOptions {
     }
 }
 
+/// The longest duration a setting may have. Deadlines are `now + duration`, which panics past
+/// what an `Instant` can hold (`Duration::MAX`, `u64::MAX` seconds); no timeout or interval
+/// a pool needs comes near a year, so anything longer is a mistake, reported as such.
+pub(crate) const LONGEST: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The problem with a duration setting, if any: zero, or longer than [`LONGEST`].
+pub(crate) fn duration_problem(duration: Duration) -> Option<String> {
+    if duration.is_zero() {
+        Some("0s must be above zero".into())
+    } else if duration > LONGEST {
+        Some(format!(
+            "{duration:?} is longer than 365 days, the most any timeout or interval may be"
+        ))
+    } else {
+        None
+    }
+}
+
 impl EndpointOptions {
     /// Appends every problem to `problems`, paths prefixed with `prefix`.
     pub fn validate_into(&self, prefix: &str, problems: &mut Vec<ConfigProblem>) {
@@ -55,14 +73,21 @@ impl EndpointOptions {
         if self.max_connections == 0 {
             report("max_connections", "0 must be at least 1".into());
         }
-        if self.connect_timeout.is_zero() {
-            report("connect_timeout", "0s must be above zero".into());
+        for (field, duration) in [
+            ("connect_timeout", Some(self.connect_timeout)),
+            ("wait_timeout", Some(self.wait_timeout)),
+            ("max_lifetime", self.max_lifetime),
+        ] {
+            if let Some(problem) = duration.and_then(duration_problem) {
+                report(field, problem);
+            }
         }
-        if self.wait_timeout.is_zero() {
-            report("wait_timeout", "0s must be above zero".into());
-        }
-        if self.max_lifetime.is_some_and(|d| d.is_zero()) {
-            report("max_lifetime", "0s must be above zero (or unset)".into());
+        // Zero is fine here: every connection is checked before it is handed out.
+        if self.idle_check_after > LONGEST {
+            report(
+                "idle_check_after",
+                duration_problem(self.idle_check_after).unwrap_or_default(),
+            );
         }
         if !(self.max_lifetime_jitter >= 0.0 && self.max_lifetime_jitter < 1.0) {
             report(

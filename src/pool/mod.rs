@@ -1,11 +1,13 @@
 //! `ProtectedPool`: the handle service code uses.
 
+mod attempt;
 mod builder;
-mod call;
+mod degrade;
 mod events;
+mod failover;
 mod probe;
-mod query;
-mod serve;
+mod routed;
+mod statement;
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,9 +17,8 @@ use sqlx::Postgres;
 
 pub use builder::PoolBuilder;
 pub use events::PoolStateChange;
-pub use query::{
-    CallFallback, Degradable, NoFallback, QueryFuture, RoutableQuery, Routed, Statement,
-};
+pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed};
+pub use statement::RoutableQuery;
 
 use crate::backend::Backend;
 use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
@@ -31,8 +32,9 @@ use crate::fallback::Served;
 use crate::health::{EndpointHealth, HealthReport, RouteHealth};
 use crate::route::{Route, RouteConfig};
 use crate::router::Router;
+use degrade::Plan;
 use events::PoolListeners;
-use serve::Plan;
+use failover::{Closure, Once, Replay};
 
 /// A pool of database connections with a circuit breaker per route on each endpoint.
 ///
@@ -69,6 +71,10 @@ pub(crate) struct PoolInner<DB: Backend> {
     routes: [RouteConfig; 3],
     max_replica_lag: Option<Duration>,
     health_check_interval: Duration,
+    /// The longest a call waits for a free connection of an endpoint.
+    wait_timeout: Duration,
+    /// The longest opening (or pinging) a connection may take.
+    connect_timeout: Duration,
     probes: probe::Probes,
     classifier: Option<Classifier>,
     listeners: Arc<PoolListeners>,
@@ -117,8 +123,8 @@ impl<DB: Backend> ProtectedPool<DB> {
         Routed::new(self, Route::Read, query)
     }
 
-    /// A write statement, on the primary, never replayed.
-    pub fn write<Q>(&self, query: Q) -> Routed<'_, DB, Q> {
+    /// A write statement, on the primary, never replayed, never cached.
+    pub fn write<Q>(&self, query: Q) -> Routed<'_, DB, Q, NotCacheable> {
         Routed::new(self, Route::Write, query)
     }
 
@@ -157,8 +163,8 @@ impl<DB: Backend> ProtectedPool<DB> {
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
         let inner = &self.inner;
-        inner.start_probes();
-        let served = inner.serve(Plan::bare(route), inner.run_once(route, operation));
+        let call = inner.failover(route, Replay::Never, Once::new(operation));
+        let served = inner.degrade(Plan::bare(route), call);
         served.await.map(Served::into_inner)
     }
 
@@ -180,9 +186,8 @@ impl<DB: Backend> ProtectedPool<DB> {
         F: AsyncFn(&mut DB::Connection) -> Result<T, sqlx::Error>,
     {
         let inner = &self.inner;
-        inner.start_probes();
-        let call = inner.run_replayable(Route::Read, operation);
-        let served = inner.serve(Plan::bare(Route::Read), call);
+        let call = inner.failover(Route::Read, Replay::Read, Closure(operation));
+        let served = inner.degrade(Plan::bare(Route::Read), call);
         served.await.map(Served::into_inner)
     }
 
@@ -194,17 +199,17 @@ impl<DB: Backend> ProtectedPool<DB> {
         F: AsyncFnOnce(&mut sqlx::Transaction<'_, DB>) -> Result<T, sqlx::Error>,
     {
         let inner = &self.inner;
-        inner.start_probes();
-        let call = inner.run_once(
+        let call = inner.failover(
             Route::Write,
-            async move |connection: &mut DB::Connection| {
+            Replay::Never,
+            Once::new(async move |connection: &mut DB::Connection| {
                 let mut transaction = sqlx::Connection::begin(connection).await?;
                 let value = operation(&mut transaction).await?;
                 transaction.commit().await?;
                 Ok(value)
-            },
+            }),
         );
-        let served = inner.serve(Plan::bare(Route::Write), call);
+        let served = inner.degrade(Plan::bare(Route::Write), call);
         served.await.map(Served::into_inner)
     }
 

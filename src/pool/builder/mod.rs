@@ -1,8 +1,13 @@
-//! Building a `ProtectedPool`: endpoints, routes, classification, listeners.
+//! Building a `ProtectedPool`: the setters live here; reading a config file, validation, URL
+//! parsing and the wiring of breakers to listeners and metrics each have a file.
+
+mod from_config;
+mod url;
+mod validate;
+mod wiring;
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,18 +17,15 @@ use super::events::{PoolListener, PoolListeners, PoolStateChange};
 use super::probe::Probes;
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
-use crate::breaker::{
-    BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem, State, StateChange,
-};
+use crate::breaker::{BreakerConfig, ConfigProblem};
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
-use crate::config::{EndpointConfig, PoolConfig};
+use crate::config::PoolConfig;
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
 use crate::fallback::{FallbackContext, RouteFallbacks};
 use crate::route::{Route, RouteConfig};
 use crate::router::{ReadPreference, ReplicaSelection, Router};
-use crate::telemetry;
 
 type ConnectOptionsOf<DB> = <<DB as sqlx::Database>::Connection as Connection>::Options;
 
@@ -111,55 +113,6 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// included.
     pub fn from_config(config: &PoolConfig) -> Self {
         Self::configured(config, true)
-    }
-
-    /// `from_config`, without making the cache when `with_cache` is false (for validation).
-    pub(crate) fn configured(config: &PoolConfig, with_cache: bool) -> Self {
-        let mut builder = Self::new()
-            .endpoint_options(config.pool.clone())
-            .read_preference(config.read_preference)
-            .replica_selection(config.replica_selection)
-            .max_replica_lag(config.max_replica_lag)
-            .health_check_interval(config.health_check_interval)
-            .recovery_probes(config.recovery_probes)
-            .cache_timeout(config.cache.timeout);
-        for route in Route::ALL {
-            builder = builder.route(route, config.route(route));
-        }
-        let mut problems = Vec::new();
-        let mut spec = |endpoint: &EndpointConfig, path: &str, default_name: String| {
-            let target = match endpoint.resolve_url(path) {
-                Ok(url) => Target::Url(url),
-                Err(problem) => {
-                    problems.push(problem);
-                    Target::Unresolved
-                }
-            };
-            let name = endpoint.name.clone().unwrap_or(default_name);
-            EndpointSpec { name, target }
-        };
-        builder.primary = config
-            .primary
-            .as_ref()
-            .map(|primary| spec(primary, "primary", "primary".to_owned()));
-        builder.replicas = config
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(index, replica)| {
-                spec(
-                    replica,
-                    &format!("replicas[{index}]"),
-                    format!("replica-{}", index + 1),
-                )
-            })
-            .collect();
-        config.cache_problems(&mut problems);
-        if with_cache {
-            builder.cache = config.build_cache(&mut problems);
-        }
-        builder.problems = problems;
-        builder
     }
 
     /// The primary endpoint, named `primary`, by URL (`postgres://..`, `sqlite://..`).
@@ -322,103 +275,39 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
-    /// Every problem of the configuration, or the endpoints' connect options.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn check(
-        &self,
-    ) -> std::result::Result<
-        (
-            Option<ConnectOptionsOf<DB>>,
-            Vec<Option<ConnectOptionsOf<DB>>>,
-        ),
-        ConfigError,
-    > {
-        let mut problems = self.problems.clone();
-        let primary = match &self.primary {
-            None => {
-                problems.push(ConfigProblem::new(
-                    "primary",
-                    "no primary endpoint: call .primary(url)",
-                ));
-                None
-            }
-            Some(spec) => connect_options::<DB>(spec, "primary", &mut problems),
-        };
-        let replicas: Vec<_> = self
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| {
-                connect_options::<DB>(spec, &format!("replicas[{index}]"), &mut problems)
-            })
-            .collect();
-        let mut names: Vec<&str> = self.primary.iter().map(|spec| spec.name.as_str()).collect();
-        for (index, spec) in self.replicas.iter().enumerate() {
-            if names.contains(&spec.name.as_str()) {
-                problems.push(ConfigProblem::new(
-                    format!("replicas[{index}].name"),
-                    format!("{:?} is already the name of another endpoint", spec.name),
-                ));
-            }
-            names.push(&spec.name);
-        }
-        self.options.validate_into("pool", &mut problems);
-        for route in Route::ALL {
-            let config = &self.routes[route.index()];
-            config
-                .breaker
-                .validate_into(&format!("breakers.{route}"), &mut problems);
-            if config.timeout.is_zero() {
-                problems.push(ConfigProblem::new(
-                    format!("timeouts.{route}"),
-                    "0s must be above zero",
-                ));
-            }
-        }
-        if self.cache_timeout.is_zero() {
-            problems.push(ConfigProblem::new("cache.timeout", "0s must be above zero"));
-        }
-        if self.health_check_interval.is_zero() {
-            problems.push(ConfigProblem::new(
-                "health_check_interval",
-                "0s must be above zero",
-            ));
-        }
-        if !problems.is_empty() {
-            return Err(ConfigError::new(problems));
-        }
-        Ok((primary, replicas))
-    }
-
     /// Builds the pool without opening a connection: the first call connects. Recovery
     /// probes start now when called inside a tokio runtime, else with the first call.
     pub fn build(self) -> Result<ProtectedPool<DB>> {
-        let (primary, replicas) = self.check()?;
+        let validated = self.check()?;
         let listeners = Arc::new(PoolListeners::default());
         for listener in self.listeners {
             listeners.add(listener);
         }
-        let specs = self.primary.into_iter().chain(self.replicas);
-        let options = std::iter::once(primary)
-            .chain(replicas)
-            .map(|options| options.expect("validated above"));
-        let endpoints: Vec<Endpoint<DB>> = specs
-            .zip(options)
+        let count = validated.endpoints.len();
+        let endpoints: Vec<Endpoint<DB>> = validated
+            .endpoints
+            .into_iter()
             .enumerate()
-            .map(|(index, (spec, connect))| {
+            .map(|(index, endpoint)| {
                 let role = if index == 0 {
                     Role::Primary
                 } else {
                     Role::Replica
                 };
-                let name: Arc<str> = spec.name.into();
                 let wakeup = Arc::new(tokio::sync::Notify::new());
-                let breakers = Route::ALL.map(|route| {
-                    let config = &self.routes[route.index()];
-                    route_breaker(&name, route, config, &listeners, &wakeup)
-                });
-                let manager = ConnectionManager::<DB>::new(connect, &self.options);
-                Endpoint::new(name, role, manager, &self.options, breakers, wakeup)
+                for (route, breaker) in Route::ALL.into_iter().zip(&endpoint.breakers) {
+                    wiring::wire_breaker(breaker, &endpoint.name, route, &listeners, &wakeup);
+                }
+                let manager = ConnectionManager::<DB>::new(endpoint.connect, &self.options);
+                Endpoint::new(
+                    endpoint.name,
+                    index,
+                    role,
+                    manager,
+                    &self.options,
+                    endpoint.breakers,
+                    wakeup,
+                )
             })
             .collect();
         let inner = Arc::new_cyclic(|me| PoolInner {
@@ -428,7 +317,9 @@ impl<DB: Backend> PoolBuilder<DB> {
             routes: self.routes,
             max_replica_lag: self.max_replica_lag,
             health_check_interval: self.health_check_interval,
-            probes: Probes::new(self.probes),
+            wait_timeout: self.options.wait_timeout,
+            connect_timeout: self.options.connect_timeout,
+            probes: Probes::new(self.probes, count),
             classifier: self.classifier,
             listeners,
             cache: self
@@ -450,97 +341,5 @@ impl<DB: Backend> PoolBuilder<DB> {
         pool.with_connection(Route::Write, async |connection| connection.ping().await)
             .await?;
         Ok(pool)
-    }
-}
-
-/// The breaker of `route` on the endpoint `name`, reporting to the pool's listeners and waking
-/// the endpoint's probe task when it opens.
-fn route_breaker(
-    name: &Arc<str>,
-    route: Route,
-    config: &RouteConfig,
-    listeners: &Arc<PoolListeners>,
-    probe_wakeup: &Arc<tokio::sync::Notify>,
-) -> CircuitBreaker {
-    let breaker = CircuitBreaker::new(format!("{name}/{route}"), config.breaker.clone())
-        .expect("validated above");
-    let (sink, endpoint, wakeup) = (listeners.clone(), name.clone(), probe_wakeup.clone());
-    telemetry::breaker_state(route, name, State::Closed);
-    breaker.on_state_change(move |change| {
-        if change.to == State::Open {
-            wakeup.notify_one();
-        }
-        telemetry::transition(route, &endpoint, change.from, change.to);
-        log_transition(route, &endpoint, change);
-        sink.emit(&PoolStateChange {
-            route,
-            endpoint: endpoint.clone(),
-            change: change.clone(),
-        });
-    });
-    breaker
-}
-
-/// A breaker opening is an incident (WARN); closing again is the all-clear (INFO).
-fn log_transition(route: Route, endpoint: &str, change: &StateChange) {
-    let (from, to, reason) = (change.from.as_str(), change.to.as_str(), change.reason);
-    match change.to {
-        State::Open | State::ForcedOpen => tracing::warn!(
-            route = route.as_str(), endpoint, from, to, %reason,
-            "circuit breaker opened"
-        ),
-        State::Closed => {
-            tracing::info!(route = route.as_str(), endpoint, from, to, %reason, "circuit breaker closed");
-        }
-        State::HalfOpen | State::Disabled => {
-            tracing::info!(route = route.as_str(), endpoint, from, to, %reason, "circuit breaker changed state");
-        }
-    }
-}
-
-/// Whether `url` is one of this database's (sqlx would parse some others without a word).
-fn has_scheme<DB: Backend>(url: &str) -> bool {
-    url.split_once(':').is_some_and(|(scheme, _)| {
-        <DB as sqlx::Database>::URL_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str())
-    })
-}
-
-fn connect_options<DB: Backend>(
-    spec: &EndpointSpec<DB>,
-    path: &str,
-    problems: &mut Vec<ConfigProblem>,
-) -> Option<ConnectOptionsOf<DB>> {
-    if spec.name.trim().is_empty() {
-        problems.push(ConfigProblem::new(
-            format!("{path}.name"),
-            "an endpoint name must not be empty",
-        ));
-    }
-    match &spec.target {
-        Target::Options(options) => Some((**options).clone()),
-        Target::Unresolved => None,
-        Target::Url(url) if !has_scheme::<DB>(url) => {
-            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
-            problems.push(ConfigProblem::new(
-                format!("{path}.url"),
-                format!(
-                    "a {} URL starts with {}:, not {scheme:?}",
-                    DB::SYSTEM,
-                    <DB as sqlx::Database>::URL_SCHEMES.join(": or ")
-                ),
-            ));
-            None
-        }
-        Target::Url(url) => match ConnectOptionsOf::<DB>::from_str(url) {
-            Ok(options) => Some(options),
-            Err(error) => {
-                // The driver's message only: the URL itself may hold a password.
-                problems.push(ConfigProblem::new(
-                    format!("{path}.url"),
-                    format!("not a valid connection URL: {error}"),
-                ));
-                None
-            }
-        },
     }
 }

@@ -1,5 +1,6 @@
-//! One whole call: the endpoints, then (when none could serve) the cache, the call's fallback
-//! and the route's fallback; with the call's span and its cache and fallback metrics.
+//! One whole call: the endpoints (see `failover`), then, when none could serve, the cache, the
+//! call's fallback and the route's fallback; with the call's span and its cache and fallback
+//! metrics.
 
 use std::future::Future;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use super::PoolInner;
-use super::call::Done;
+use super::attempt::Done;
 use crate::backend::Backend;
 use crate::cache::CachedValue;
 use crate::error::{Error, Result};
@@ -21,16 +22,31 @@ use crate::telemetry;
 /// Where and how long a read's results are cached, and how a result of type `T` is
 /// (de)serialized.
 pub(crate) struct CacheRequest<T> {
+    /// The caller's key, scoped by route and result type (see [`CacheRequest::json`]).
     pub(crate) key: String,
+    /// Where the caller's own key starts in `key`.
+    own_key_at: usize,
     pub(crate) ttl: Duration,
     encode: fn(&T) -> serde_json::Result<Vec<u8>>,
     decode: fn(&[u8]) -> serde_json::Result<T>,
 }
 
+impl<T> CacheRequest<T> {
+    /// The key the caller gave.
+    pub(crate) fn own_key(&self) -> &str {
+        &self.key[self.own_key_at..]
+    }
+}
+
 impl<T: Serialize + DeserializeOwned> CacheRequest<T> {
-    pub(crate) fn json(key: String, ttl: Duration) -> Self {
+    /// The caller's `key`, stored as `{route}:{result type}:{key}`: two calls that happen to
+    /// share a key but not a route or a result type (a user and a count of users, one row
+    /// and every row) must not serve each other's data.
+    pub(crate) fn json(route: Route, key: &str, ttl: Duration) -> Self {
+        let scope = format!("{route}:{}:", std::any::type_name::<T>());
         Self {
-            key,
+            own_key_at: scope.len(),
+            key: scope + key,
             ttl,
             encode: |value| serde_json::to_vec(value),
             decode: |bytes| serde_json::from_slice(bytes),
@@ -61,7 +77,7 @@ impl<T> Plan<'_, T> {
 
 impl<DB: Backend> PoolInner<DB> {
     /// Runs `call` and, if no endpoint could serve it, what `plan` falls back on.
-    pub(crate) async fn serve<T: 'static>(
+    pub(crate) async fn degrade<T: 'static>(
         &self,
         plan: Plan<'_, T>,
         call: impl Future<Output = Result<Done<T>>>,
@@ -86,7 +102,7 @@ impl<DB: Backend> PoolInner<DB> {
                     }
                     Ok(Served::new(value, Source::Database { endpoint }))
                 }
-                Err(error) if error.is_unavailable() => self.degrade(plan, error).await,
+                Err(error) if error.is_unavailable() => self.fall_back(plan, error).await,
                 Err(error) => Err(error),
             }
         }
@@ -123,7 +139,7 @@ impl<DB: Backend> PoolInner<DB> {
 
     /// No endpoint could serve: the cache, the call's fallback, the route's fallback, in that
     /// order; else the error.
-    async fn degrade<T: 'static>(&self, plan: Plan<'_, T>, error: Error) -> Result<Served<T>> {
+    async fn fall_back<T: 'static>(&self, plan: Plan<'_, T>, error: Error) -> Result<Served<T>> {
         let route = plan.route;
         if let Some(request) = &plan.cache {
             if let Some((value, age)) = self.lookup(route, request).await {
@@ -137,7 +153,7 @@ impl<DB: Backend> PoolInner<DB> {
                 route,
                 error: &error,
                 sql: plan.sql,
-                key: plan.cache.as_ref().map(|request| request.key.as_str()),
+                key: plan.cache.as_ref().map(CacheRequest::own_key),
             };
             match plan.fallback {
                 Some(fallback) => fallback(&context),

@@ -1,0 +1,81 @@
+//! A connection out of the pool, and the only code that decides whether it may go back.
+
+use deadpool::managed::Object;
+
+use super::{Connection, PooledConnection};
+use crate::backend::Backend;
+
+/// A checked-out connection. It goes back to the pool only in a known state: a connection
+/// given up mid-statement (its caller cancelled or timed out) or one that saw an error ending
+/// its session is closed instead, so the pool's count drops at once and the slot can open a
+/// fresh connection; the server is asked to stop a statement given up on.
+pub(crate) struct Checkout<DB: Backend> {
+    connection: Option<Connection<DB>>,
+}
+
+impl<DB: Backend> Checkout<DB> {
+    pub(crate) fn new(connection: Connection<DB>) -> Self {
+        Self {
+            connection: Some(connection),
+        }
+    }
+
+    fn pooled(&mut self) -> &mut PooledConnection<DB> {
+        self.connection.as_mut().expect("present until dropped")
+    }
+
+    /// Whether the connection was opened for this checkout rather than reused: an error on a
+    /// reused one may only mean it died while it sat idle.
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|connection| Object::metrics(connection).recycle_count == 0)
+    }
+
+    /// Runs `operation` on the connection. While it runs the connection is busy: if this
+    /// future is dropped before it finishes, the checkout closes the connection.
+    pub(crate) async fn run<T>(
+        &mut self,
+        operation: impl AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let pooled = self.pooled();
+        pooled.busy = true;
+        let result = operation(&mut pooled.raw).await;
+        pooled.busy = false;
+        if let Err(error) = &result {
+            // From the error itself, never from its class: see `Backend::breaks_connection`.
+            pooled.broken |= DB::breaks_connection(error);
+        }
+        result
+    }
+
+    /// Whether the last operation left the connection unusable.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|connection| connection.broken)
+    }
+}
+
+impl<DB: Backend> Drop for Checkout<DB> {
+    fn drop(&mut self) {
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        if !connection.busy && !connection.broken {
+            return; // back to the pool
+        }
+        if let Some(pool) = Object::pool(&connection) {
+            let manager = pool.manager();
+            if connection.broken {
+                // Its siblings opened to the same server process very likely died with it.
+                manager.connection_lost();
+            }
+            if let (true, Some(pid)) = (connection.busy, connection.server_pid) {
+                manager.stop_statement(pid);
+            }
+        }
+        connection.busy = false;
+        drop(Object::take(connection));
+    }
+}

@@ -1,0 +1,103 @@
+//! A builder's settings checked as a whole: every problem at once, or a validated value that
+//! holds what building needs (connect options, breakers), so building cannot fail.
+
+use std::sync::Arc;
+
+use super::url::connect_options;
+use super::{ConnectOptionsOf, PoolBuilder};
+use crate::backend::Backend;
+use crate::breaker::{CircuitBreaker, ConfigError, ConfigProblem};
+use crate::endpoint::duration_problem;
+use crate::route::Route;
+
+/// One endpoint, ready to build.
+pub(super) struct ValidEndpoint<DB: Backend> {
+    pub(super) name: Arc<str>,
+    pub(super) connect: ConnectOptionsOf<DB>,
+    /// Its breaker per route, in [`Route::ALL`] order, not wired to anything yet.
+    pub(super) breakers: [CircuitBreaker; 3],
+}
+
+/// A configuration with no problem: the primary first, then the replicas.
+pub(crate) struct Validated<DB: Backend> {
+    pub(super) endpoints: Vec<ValidEndpoint<DB>>,
+}
+
+impl<DB: Backend> PoolBuilder<DB> {
+    /// Every problem of the configuration, or the validated endpoints.
+    pub(crate) fn check(&self) -> Result<Validated<DB>, ConfigError> {
+        let mut problems = self.problems.clone();
+        let primary = match &self.primary {
+            None => {
+                problems.push(ConfigProblem::new(
+                    "primary",
+                    "no primary endpoint: call .primary(url)",
+                ));
+                None
+            }
+            Some(spec) => connect_options::<DB>(spec, "primary", &mut problems),
+        };
+        let replicas: Vec<_> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                connect_options::<DB>(spec, &format!("replicas[{index}]"), &mut problems)
+            })
+            .collect();
+        self.check_names(&mut problems);
+        self.options.validate_into("pool", &mut problems);
+        for route in Route::ALL {
+            let config = &self.routes[route.index()];
+            config
+                .breaker
+                .validate_into(&format!("breakers.{route}"), &mut problems);
+            if let Some(problem) = duration_problem(config.timeout) {
+                problems.push(ConfigProblem::new(format!("timeouts.{route}"), problem));
+            }
+        }
+        for (path, duration) in [
+            ("cache.timeout", self.cache_timeout),
+            ("health_check_interval", self.health_check_interval),
+        ] {
+            if let Some(problem) = duration_problem(duration) {
+                problems.push(ConfigProblem::new(path, problem));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::new(problems));
+        }
+        let specs = self.primary.iter().chain(&self.replicas);
+        let connects = std::iter::once(primary).chain(replicas);
+        let mut endpoints = Vec::with_capacity(self.replicas.len() + 1);
+        for (spec, connect) in specs.zip(connects) {
+            // Every URL without a problem parsed: `connect` is there.
+            let Some(connect) = connect else { continue };
+            let name: Arc<str> = spec.name.as_str().into();
+            let breakers = Route::ALL.map(|route| {
+                let config = self.routes[route.index()].breaker.clone();
+                CircuitBreaker::new(format!("{name}/{route}"), config)
+            });
+            let [read, write, auth] = breakers;
+            endpoints.push(ValidEndpoint {
+                name,
+                connect,
+                breakers: [read?, write?, auth?],
+            });
+        }
+        Ok(Validated { endpoints })
+    }
+
+    fn check_names(&self, problems: &mut Vec<ConfigProblem>) {
+        let mut names: Vec<&str> = self.primary.iter().map(|spec| spec.name.as_str()).collect();
+        for (index, spec) in self.replicas.iter().enumerate() {
+            if names.contains(&spec.name.as_str()) {
+                problems.push(ConfigProblem::new(
+                    format!("replicas[{index}].name"),
+                    format!("{:?} is already the name of another endpoint", spec.name),
+                ));
+            }
+            names.push(&spec.name);
+        }
+    }
+}

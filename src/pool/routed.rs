@@ -1,0 +1,378 @@
+//! `pool.read(query)`: an ordinary sqlx query builder, routed and protected. The first stage
+//! of a call: it takes the query apart (see `statement`), says what the call may fall back on
+//! (see `degrade`) and hands the endpoints' loop (see `failover`) a way to run it.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::query::Query;
+use sqlx::{Database, IntoArguments};
+
+use super::ProtectedPool;
+use super::degrade::{CacheRequest, Plan};
+use super::failover::{Erased, Replay};
+use super::statement::{FetchFn, QueryFuture, RoutableQuery, execute_on, fetch_one_on};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::fallback::{BoxedFallback, FallbackContext, Served};
+use crate::route::Route;
+
+/// Marks a call whose results may be cached: a read or an auth call.
+#[derive(Debug, Clone, Copy)]
+pub struct Cacheable;
+
+/// Marks a write: its result is never cached (a cached write would serve an old `RETURNING`
+/// row), so [`Routed::cached`] is not there to call.
+#[derive(Debug, Clone, Copy)]
+pub struct NotCacheable;
+
+/// A query bound to a route, run by one of its `fetch_*` / `execute` methods.
+///
+/// On the read route a query that loses its endpoint (refused, unreachable, hung, connection
+/// lost) is run again on the next one (reads change nothing); on the write and auth routes it
+/// runs at most once. An error the server answered with is the call's answer on every route.
+///
+/// [`cached`](Self::cached) (reads and auth calls only) and [`or_fallback`](Self::or_fallback)
+/// give the call something to fall back on when no endpoint can serve it; the `fetch_*`
+/// methods then return a [`Served`] value that says where it came from.
+#[must_use = "a routed query does nothing until fetched or executed"]
+pub struct Routed<'p, DB: Backend, Q, C = Cacheable> {
+    pool: &'p ProtectedPool<DB>,
+    route: Route,
+    query: Q,
+    _caching: PhantomData<C>,
+}
+
+impl<DB: Backend, Q: fmt::Debug, C> fmt::Debug for Routed<'_, DB, Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Routed")
+            .field("route", &self.route)
+            .field("query", &self.query)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'p, DB: Backend, Q, C> Routed<'p, DB, Q, C> {
+    pub(crate) fn new(pool: &'p ProtectedPool<DB>, route: Route, query: Q) -> Self {
+        Self {
+            pool,
+            route,
+            query,
+            _caching: PhantomData,
+        }
+    }
+}
+
+/// A query reduced to "run me on this connection", with the builder's type erased: the future
+/// of a pool call then names no query type, which keeps the compiler's `Send` check from
+/// tripping over the builder's lifetime (rust#100013).
+type Fetch<DB, T> =
+    Box<dyn for<'c> Fn(&'c mut <DB as Database>::Connection) -> QueryFuture<'c, T> + Send + Sync>;
+
+impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
+    /// Exactly one row; no row is an error of class `Query`.
+    pub fn fetch_one(self) -> impl Future<Output = Result<Q::Output>> + Send + 'p {
+        let call = self.degradable().run(fetch_one_on::<DB, Q>, true, None);
+        async move { call.await.map(Served::into_inner) }
+    }
+
+    /// At most one row.
+    pub fn fetch_optional(self) -> impl Future<Output = Result<Option<Q::Output>>> + Send + 'p {
+        let call = self.degradable().run(Q::fetch_optional_on, true, None);
+        async move { call.await.map(Served::into_inner) }
+    }
+
+    /// Every row.
+    pub fn fetch_all(self) -> impl Future<Output = Result<Vec<Q::Output>>> + Send + 'p {
+        let call = self.degradable().run(Q::fetch_all_on, true, None);
+        async move { call.await.map(Served::into_inner) }
+    }
+
+    /// Calls `fallback` when no endpoint can serve the call (after the cache, if the call is
+    /// [`cached`](Self::cached)); `None` from it means "no fallback either" and the error is
+    /// returned.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// let greeting = pool
+    ///     .read(sqlx::query_scalar::<_, String>("SELECT greeting FROM settings"))
+    ///     .or_fallback(|_| Some("Hello".to_owned()))
+    ///     .fetch_one()
+    ///     .await?;
+    /// assert!(!greeting.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn or_fallback<F, R>(self, fallback: F) -> Degradable<'p, DB, Q, F, C>
+    where
+        F: FnOnce(&FallbackContext<'_>) -> Option<R> + Send + 'static,
+    {
+        self.degradable().or_fallback(fallback)
+    }
+
+    fn degradable(self) -> Degradable<'p, DB, Q, NoFallback, C> {
+        Degradable {
+            routed: self,
+            cache: None,
+            fallback: NoFallback,
+        }
+    }
+}
+
+impl<'p, DB: Backend, Q: RoutableQuery<DB>> Routed<'p, DB, Q, Cacheable> {
+    /// Stores every successful result in the pool's cache under `key` for `ttl`, and serves
+    /// the stored value (marked stale, with its age) when no endpoint can answer. The key is
+    /// scoped by route and result type, so calls that share a key but not a type never serve
+    /// each other's data. Not on writes.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let name = pool
+    ///     .read(sqlx::query_scalar::<_, String>("SELECT name FROM users WHERE id = $1").bind(42_i64))
+    ///     .cached("user:42:name", Duration::from_secs(600))
+    ///     .fetch_one()
+    ///     .await?;
+    /// if let Some(age) = name.age() {
+    ///     println!("database unavailable; showing the name as of {age:?} ago");
+    /// }
+    /// println!("{}", *name);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// ```compile_fail
+    /// # async fn demo(pool: protected_pool::ProtectedPool) {
+    /// // A write's result is never cached: this does not compile.
+    /// let _ = pool
+    ///     .write(sqlx::query_scalar::<_, i64>("INSERT INTO t DEFAULT VALUES RETURNING id"))
+    ///     .cached("t", std::time::Duration::from_secs(1));
+    /// # }
+    /// ```
+    pub fn cached(
+        self,
+        key: impl Into<String>,
+        ttl: Duration,
+    ) -> Degradable<'p, DB, Q, NoFallback, Cacheable>
+    where
+        Q::Output: Serialize + DeserializeOwned,
+    {
+        self.degradable().cached(key, ttl)
+    }
+}
+
+impl<'p, 'q, DB, A, C> Routed<'p, DB, Query<'q, DB, A>, C>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+{
+    /// Runs a statement for its effect, at most once; returns the driver's result (rows
+    /// affected, ...).
+    pub fn execute(self) -> impl Future<Output = Result<DB::QueryResult>> + Send + 'p {
+        // A statement run for its effect may write: never repeat it on another endpoint.
+        let call = self.degradable().run(execute_on::<DB>, false, None);
+        async move { call.await.map(Served::into_inner) }
+    }
+}
+
+/// No fallback of the call's own (the route's may still apply).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFallback;
+
+/// A call's own fallback for a result of type `T`: a closure
+/// `FnOnce(&FallbackContext) -> Option<T>`, or [`NoFallback`]. Sealed.
+pub trait CallFallback<T>: sealed::IntoBoxed<T> + Send {}
+
+impl<T, F: sealed::IntoBoxed<T> + Send> CallFallback<T> for F {}
+
+mod sealed {
+    use crate::fallback::{BoxedFallback, FallbackContext};
+
+    /// The fallback, boxed; `None` for none.
+    pub trait IntoBoxed<T> {
+        fn into_boxed(self) -> Option<BoxedFallback<T>>;
+    }
+
+    impl<T> IntoBoxed<T> for super::NoFallback {
+        fn into_boxed(self) -> Option<BoxedFallback<T>> {
+            None
+        }
+    }
+
+    impl<T, F> IntoBoxed<T> for F
+    where
+        F: FnOnce(&FallbackContext<'_>) -> Option<T> + Send + 'static,
+    {
+        fn into_boxed(self) -> Option<BoxedFallback<T>> {
+            Some(Box::new(self))
+        }
+    }
+}
+
+/// A query with a cache key or a fallback (see [`Routed::cached`], [`Routed::or_fallback`]):
+/// its `fetch_*` methods return a [`Served`] value that says whether it came from an endpoint,
+/// the cache or a fallback.
+#[must_use = "a routed query does nothing until fetched or executed"]
+pub struct Degradable<'p, DB: Backend, Q: RoutableQuery<DB>, F, C = Cacheable> {
+    routed: Routed<'p, DB, Q, C>,
+    cache: Option<(String, Duration, CacheCodecs<Q::Output>)>,
+    fallback: F,
+}
+
+impl<DB: Backend, Q: RoutableQuery<DB> + fmt::Debug, F, C> fmt::Debug
+    for Degradable<'_, DB, Q, F, C>
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Degradable")
+            .field("routed", &self.routed)
+            .field("cache_key", &self.cache.as_ref().map(|(key, ..)| key))
+            .field("cache_ttl", &self.cache.as_ref().map(|(_, ttl, _)| ttl))
+            .finish_non_exhaustive()
+    }
+}
+
+/// How each `fetch_*` result of rows of type `O` goes in and out of the cache, fixed when
+/// [`Routed::cached`] checks that `O` is serializable.
+struct CacheCodecs<O> {
+    one: fn(Route, &str, Duration) -> CacheRequest<O>,
+    optional: fn(Route, &str, Duration) -> CacheRequest<Option<O>>,
+    all: fn(Route, &str, Duration) -> CacheRequest<Vec<O>>,
+}
+
+impl<O: Serialize + DeserializeOwned> CacheCodecs<O> {
+    fn json() -> Self {
+        Self {
+            one: CacheRequest::json,
+            optional: CacheRequest::json,
+            all: CacheRequest::json,
+        }
+    }
+}
+
+impl<'p, DB: Backend, Q: RoutableQuery<DB>, F> Degradable<'p, DB, Q, F, Cacheable> {
+    /// See [`Routed::cached`].
+    pub fn cached(mut self, key: impl Into<String>, ttl: Duration) -> Self
+    where
+        Q::Output: Serialize + DeserializeOwned,
+    {
+        self.cache = Some((key.into(), ttl, CacheCodecs::json()));
+        self
+    }
+}
+
+impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
+    /// See [`Routed::or_fallback`]; replaces an earlier fallback of this call.
+    pub fn or_fallback<G, R>(self, fallback: G) -> Degradable<'p, DB, Q, G, C>
+    where
+        G: FnOnce(&FallbackContext<'_>) -> Option<R> + Send + 'static,
+    {
+        Degradable {
+            routed: self.routed,
+            cache: self.cache,
+            fallback,
+        }
+    }
+
+    /// Exactly one row; no row is an error of class `Query` (and no fallback runs for it).
+    pub fn fetch_one(mut self) -> impl Future<Output = Result<Served<Q::Output>>> + Send + 'p
+    where
+        F: CallFallback<Q::Output>,
+    {
+        let cache = self.take_cache(|codecs| codecs.one);
+        self.run(fetch_one_on::<DB, Q>, true, cache)
+    }
+
+    /// At most one row.
+    pub fn fetch_optional(
+        mut self,
+    ) -> impl Future<Output = Result<Served<Option<Q::Output>>>> + Send + 'p
+    where
+        F: CallFallback<Option<Q::Output>>,
+    {
+        let cache = self.take_cache(|codecs| codecs.optional);
+        self.run(Q::fetch_optional_on, true, cache)
+    }
+
+    /// Every row.
+    pub fn fetch_all(mut self) -> impl Future<Output = Result<Served<Vec<Q::Output>>>> + Send + 'p
+    where
+        F: CallFallback<Vec<Q::Output>>,
+    {
+        let cache = self.take_cache(|codecs| codecs.all);
+        self.run(Q::fetch_all_on, true, cache)
+    }
+
+    /// The call's cache request, in the form of one `fetch_*`.
+    fn take_cache<T>(
+        &mut self,
+        pick: impl FnOnce(&CacheCodecs<Q::Output>) -> fn(Route, &str, Duration) -> CacheRequest<T>,
+    ) -> Option<CacheRequest<T>> {
+        let (key, ttl, codecs) = self.cache.take()?;
+        Some(pick(&codecs)(self.routed.route, &key, ttl))
+    }
+
+    /// Runs the query through the pool; `replayable` reads may be repeated on the next
+    /// endpoint.
+    fn run<T: Send + 'static>(
+        self,
+        fetch: FetchFn<DB, T>,
+        replayable: bool,
+        cache: Option<CacheRequest<T>>,
+    ) -> impl Future<Output = Result<Served<T>>> + Send + 'p
+    where
+        F: CallFallback<T>,
+    {
+        let Routed {
+            pool, route, query, ..
+        } = self.routed;
+        let replay = if replayable && route == Route::Read {
+            Replay::Read
+        } else {
+            Replay::Never
+        };
+        let fallback: Option<BoxedFallback<T>> = sealed::IntoBoxed::into_boxed(self.fallback);
+        let prepared = query
+            .into_statement()
+            .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
+                let sql = statement.sql.clone();
+                (
+                    sql,
+                    Box::new(move |connection| fetch(&statement, connection)),
+                )
+            })
+            .map_err(|source| Error::InvalidQuery { route, source });
+        async move {
+            let (sql, fetch) = prepared?;
+            let inner = &pool.inner;
+            let plan = Plan {
+                route,
+                sql: Some(sql.as_str()),
+                cache,
+                fallback,
+            };
+            let fetch = &*fetch;
+            // Boxed: the endpoint loop's future is large, and `degrade` and the span move it.
+            let call = Box::pin(inner.failover(route, replay, Erased(fetch)));
+            inner.degrade(plan, call).await
+        }
+    }
+}
+
+impl<'p, 'q, DB, A, F, C> Degradable<'p, DB, Query<'q, DB, A>, F, C>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+{
+    /// Runs a statement for its effect, at most once, with the call's fallback for when no
+    /// endpoint can take it (see [`Error::is_outcome_unknown`] in the fallback's context
+    /// before standing in for a write that may have happened).
+    pub fn execute(self) -> impl Future<Output = Result<Served<DB::QueryResult>>> + Send + 'p
+    where
+        F: CallFallback<DB::QueryResult>,
+    {
+        self.run(execute_on::<DB>, false, None)
+    }
+}

@@ -1,0 +1,202 @@
+//! The sqlx query builders the pool takes, taken apart into SQL and encoded arguments before
+//! they run, so that a read whose connection dies under it can be built again, identically,
+//! for the next endpoint.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use sqlx::query::{Query, QueryAs, QueryScalar};
+use sqlx::{Database, Execute, IntoArguments, SqlStr};
+
+use crate::backend::Backend;
+
+/// A query's future, boxed: its type then names no query lifetime, so the futures of pool
+/// calls are `Send` wherever they are spawned. (Public in a private module: named by the
+/// sealed methods of [`RoutableQuery`], unnameable outside the crate.)
+#[allow(unreachable_pub)]
+pub type QueryFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
+
+/// A query's SQL and encoded arguments, from which the same query can be built again.
+#[derive(Debug)]
+pub struct Statement<DB: Database> {
+    pub(crate) sql: SqlStr,
+    arguments: DB::Arguments,
+    persistent: bool,
+}
+
+impl<DB: Backend> Statement<DB> {
+    fn take_apart<'q, E: Execute<'q, DB>>(mut query: E) -> Result<Self, sqlx::Error> {
+        let persistent = query.persistent();
+        let arguments = query
+            .take_arguments()
+            .map_err(sqlx::Error::Encode)?
+            .unwrap_or_default();
+        Ok(Self {
+            sql: query.sql(),
+            arguments,
+            persistent,
+        })
+    }
+
+    fn parts(&self) -> (SqlStr, Bound<DB>) {
+        (self.sql.clone(), Bound(self.arguments.clone()))
+    }
+}
+
+/// Arguments already encoded, handed back to a rebuilt query.
+struct Bound<DB: Database>(DB::Arguments);
+
+impl<DB: Database> IntoArguments<DB> for Bound<DB> {
+    fn into_arguments(self) -> DB::Arguments {
+        self.0
+    }
+}
+
+/// A sqlx query builder the pool can run: [`sqlx::query()`], [`sqlx::query_as()`],
+/// [`sqlx::query_scalar()`] and their `_with` forms. Sealed: the pool knows how to take each
+/// of them apart and build it again.
+pub trait RoutableQuery<DB: Backend>: sealed::Sealed + Send + Sized {
+    /// What one result row becomes.
+    type Output: Send + Unpin + 'static;
+
+    /// Takes the query apart into SQL and encoded arguments.
+    #[doc(hidden)]
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error>;
+
+    /// Runs the statement on `connection`, returning at most one row.
+    #[doc(hidden)]
+    fn fetch_optional_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Option<Self::Output>>;
+
+    /// Runs the statement on `connection`, returning every row.
+    #[doc(hidden)]
+    fn fetch_all_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Vec<Self::Output>>;
+}
+
+mod sealed {
+    use sqlx::query::{Query, QueryAs, QueryScalar};
+
+    pub trait Sealed {}
+    impl<DB: sqlx::Database, A> Sealed for Query<'_, DB, A> {}
+    impl<DB: sqlx::Database, O, A> Sealed for QueryAs<'_, DB, O, A> {}
+    impl<DB: sqlx::Database, O, A> Sealed for QueryScalar<'_, DB, O, A> {}
+}
+
+impl<'q, DB, A> RoutableQuery<DB> for Query<'q, DB, A>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+{
+    type Output = DB::Row;
+
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
+        Statement::take_apart(self)
+    }
+
+    fn fetch_optional_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Option<DB::Row>> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_optional(DB::executor(connection)))
+    }
+
+    fn fetch_all_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Vec<DB::Row>> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_all(DB::executor(connection)))
+    }
+}
+
+impl<'q, DB, O, A> RoutableQuery<DB> for QueryAs<'q, DB, O, A>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+    O: Send + Unpin + 'static + for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    type Output = O;
+
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
+        Statement::take_apart(self)
+    }
+
+    fn fetch_optional_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Option<O>> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_as_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_optional(DB::executor(connection)))
+    }
+
+    fn fetch_all_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Vec<O>> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_as_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_all(DB::executor(connection)))
+    }
+}
+
+impl<'q, DB, O, A> RoutableQuery<DB> for QueryScalar<'q, DB, O, A>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+    O: Send + Unpin + 'static,
+    (O,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    type Output = O;
+
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
+        Statement::take_apart(self)
+    }
+
+    fn fetch_optional_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Option<O>> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_scalar_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_optional(DB::executor(connection)))
+    }
+
+    fn fetch_all_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Vec<O>> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_scalar_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_all(DB::executor(connection)))
+    }
+}
+
+/// Runs a statement on a connection, giving a `T`.
+pub(crate) type FetchFn<DB, T> =
+    for<'c> fn(&Statement<DB>, &'c mut <DB as Database>::Connection) -> QueryFuture<'c, T>;
+
+pub(crate) fn fetch_one_on<'c, DB: Backend, Q: RoutableQuery<DB>>(
+    statement: &Statement<DB>,
+    connection: &'c mut DB::Connection,
+) -> QueryFuture<'c, Q::Output> {
+    let row = Q::fetch_optional_on(statement, connection);
+    Box::pin(async move { row.await?.ok_or(sqlx::Error::RowNotFound) })
+}
+
+pub(crate) fn execute_on<'c, DB: Backend>(
+    statement: &Statement<DB>,
+    connection: &'c mut DB::Connection,
+) -> QueryFuture<'c, DB::QueryResult> {
+    let (sql, arguments) = statement.parts();
+    let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
+    Box::pin(query.execute(DB::executor(connection)))
+}
