@@ -52,8 +52,9 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::breaker::{BreakerConfig, ConfigError, ConfigProblem, SlidingWindow};
+use crate::breaker::{BreakerConfig, SlidingWindow};
 use crate::endpoint::EndpointOptions;
+pub use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::{Route, RouteConfig};
 use crate::router::{ReadPreference, ReplicaSelection};
 
@@ -605,12 +606,6 @@ fn without_position(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(at) => message[..at].to_owned(),
         None => message.to_owned(),
-    }
-}
-
-impl From<ConfigProblem> for ConfigError {
-    fn from(problem: ConfigProblem) -> Self {
-        ConfigError::new(vec![problem])
     }
 }
 

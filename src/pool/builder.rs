@@ -12,15 +12,14 @@ use super::events::{PoolListener, PoolListeners, PoolStateChange};
 use super::probe::Probes;
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
-use crate::breaker::{
-    BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem, State, StateChange,
-};
+use crate::breaker::{BreakerConfig, CircuitBreaker, State, StateChange};
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::config::{EndpointConfig, PoolConfig};
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
 use crate::fallback::{FallbackContext, RouteFallbacks};
+use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::{Route, RouteConfig};
 use crate::router::{ReadPreference, ReplicaSelection, Router};
 use crate::telemetry;

@@ -20,7 +20,7 @@ pub use query::{
 };
 
 use crate::backend::Backend;
-use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
+use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::cache::Cache;
 use crate::classify::Classifier;
 use crate::config::PoolConfig;
@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::fallback::RouteFallbacks;
 use crate::fallback::Served;
 use crate::health::{EndpointHealth, HealthReport, RouteHealth};
+use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::{Route, RouteConfig};
 use crate::router::Router;
 use events::PoolListeners;
