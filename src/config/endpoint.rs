@@ -39,25 +39,51 @@ impl EndpointConfig {
 }
 
 /// The URL given by `url` or by the environment variable `env`, the settings at `path`.
+///
+/// Text that does not start with a scheme is refused here, without being shown: the checks
+/// that come later quote what stands before the first `:`, and in a connection string of
+/// `key=value` pairs that can be a password.
 pub(super) fn resolve_url(
     url: Option<&str>,
     env: Option<&str>,
     path: &str,
 ) -> Result<String, ConfigProblem> {
+    const NOT_A_URL: &str = "is not a URL: it must start with a scheme such as postgres: \
+                             (connection strings of key=value pairs are not read)";
     match (url, env) {
         (Some(_), Some(_)) => Err(ConfigProblem::new(
             path,
             "give either url or url_env, not both",
         )),
+        (Some(url), None) if !starts_with_scheme(url) => Err(ConfigProblem::new(
+            format!("{path}.url"),
+            format!("the text {NOT_A_URL}"),
+        )),
         (Some(url), None) => Ok(url.to_owned()),
-        (None, Some(name)) => std::env::var(name).map_err(|_| {
-            ConfigProblem::new(
+        (None, Some(name)) => match std::env::var(name) {
+            Ok(url) if starts_with_scheme(&url) => Ok(url),
+            Ok(_) => Err(ConfigProblem::new(
+                format!("{path}.url_env"),
+                format!("what environment variable {name} holds {NOT_A_URL}"),
+            )),
+            Err(_) => Err(ConfigProblem::new(
                 format!("{path}.url_env"),
                 format!("environment variable {name} is not set (or not UTF-8)"),
-            )
-        }),
+            )),
+        },
         (None, None) => Err(ConfigProblem::new(path, "needs url or url_env")),
     }
+}
+
+/// Whether `text` starts with a URL scheme and its `:` (RFC 3986: a letter, then letters,
+/// digits, `+`, `-` or `.`).
+fn starts_with_scheme(text: &str) -> bool {
+    text.split_once(':').is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
 }
 
 #[cfg(test)]
@@ -70,5 +96,36 @@ mod tests {
         config.validate_for::<sqlx::Sqlite>().unwrap();
         let error = config.validate().unwrap_err();
         assert_eq!(error.problems[0].path, "primary.url", "{error}");
+    }
+
+    #[test]
+    fn a_connection_string_is_refused_without_being_shown() {
+        let config =
+            PoolConfig::from_toml("[primary]\nurl = \"user=app password=hunter2 hostaddr=::1\"\n")
+                .unwrap();
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.problems.len(), 1, "{error}");
+        assert_eq!(error.problems[0].path, "primary.url", "{error}");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn a_scheme_is_a_letter_then_letters_digits_and_plus_minus_dot() {
+        for url in [
+            "postgres://db/app",
+            "sqlite::memory:",
+            "redis+unix:///run/redis.sock",
+        ] {
+            assert!(super::starts_with_scheme(url), "{url}");
+        }
+        for url in [
+            "db/app",
+            "pw@db:5432/app",
+            "password=pw host=[::1]",
+            "1db:5432",
+            ":x",
+        ] {
+            assert!(!super::starts_with_scheme(url), "{url}");
+        }
     }
 }

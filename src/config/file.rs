@@ -100,7 +100,7 @@ impl PoolConfig {
     /// the field's path); semantic problems are all listed by [`validate`](Self::validate).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let deserializer = toml::Deserializer::parse(text)
-            .map_err(|error| parse_error::toml_syntax(text, &error))?;
+            .map_err(|error| parse_error::toml_error(text, &error))?;
         serde_path_to_error::deserialize(deserializer)
             .map_err(|error| parse_error::toml_shape(text, error).into())
     }
