@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::breakers::BreakerSettings;
+use super::cache::CacheConfig;
+use super::endpoint::EndpointConfig;
 use super::parse_error;
-use super::{BreakerSettings, CacheConfig, EndpointConfig};
 use crate::breaker::BreakerConfig;
 use crate::cache::Cache;
 use crate::endpoint::EndpointOptions;
