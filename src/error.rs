@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::breaker::{ConfigError, Rejected};
+use crate::breaker::Rejected;
 use crate::classify::ErrorClass;
+use crate::problem::ConfigError;
 use crate::route::Route;
 
 /// `Result` with this crate's [`Error`].

@@ -12,6 +12,7 @@ mod error;
 pub mod fallback;
 mod health;
 mod pool;
+mod problem;
 mod route;
 mod router;
 pub mod telemetry;

@@ -1,9 +1,10 @@
 //! Breaker configuration: trip rules, window, open-duration backoff, half-open limits.
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::problem::{ConfigError, ConfigProblem};
 
 /// How a breaker decides to open, how long it stays open, and how it closes again.
 ///
@@ -193,7 +194,7 @@ impl BreakerConfig {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError { problems })
+            Err(ConfigError::new(problems))
         }
     }
 
@@ -206,7 +207,7 @@ impl BreakerConfig {
             } else {
                 format!("{prefix}.{field}")
             };
-            problems.push(ConfigProblem { path, message });
+            problems.push(ConfigProblem::new(path, message));
         };
         if self.consecutive_failures == Some(0) {
             report("consecutive_failures", "0 must be at least 1".into());
@@ -295,60 +296,5 @@ impl Default for BreakerConfig {
     /// The write preset.
     fn default() -> Self {
         Self::write()
-    }
-}
-
-/// One problem in a configuration: where and what.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct ConfigProblem {
-    /// Field path, e.g. `open.max` or `breakers.write.failure_rate`.
-    pub path: String,
-    /// What is wrong with the value.
-    pub message: String,
-}
-
-impl ConfigProblem {
-    /// A problem at `path`.
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// A configuration was rejected; lists every problem found.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub struct ConfigError {
-    /// Every problem, in field order.
-    pub problems: Vec<ConfigProblem>,
-}
-
-impl ConfigError {
-    /// An error holding these problems.
-    pub fn new(problems: Vec<ConfigProblem>) -> Self {
-        Self { problems }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration ({} problems)",
-            self.problems.len()
-        )?;
-        for problem in &self.problems {
-            write!(f, "\n  - {problem}")?;
-        }
-        Ok(())
     }
 }

@@ -35,12 +35,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{BreakerConfig, ConfigError, ConfigProblem, OpenDuration, SlidingWindow};
+pub use config::{BreakerConfig, OpenDuration, SlidingWindow};
 pub use listener::{ListenerId, StateChange, Subscription};
 pub use permit::{Permit, Rejected};
 pub use snapshot::BreakerSnapshot;
 pub use state::{Outcome, State, TransitionReason};
 
+use crate::problem::{ConfigError, ConfigProblem};
 use clock::ClockSource;
 use core::Inner;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::breaker::ConfigProblem;
+use crate::problem::ConfigProblem;
 
 /// How one endpoint's connection pool behaves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

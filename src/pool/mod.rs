@@ -21,7 +21,7 @@ pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, 
 pub use statement::RoutableQuery;
 
 use crate::backend::Backend;
-use crate::breaker::{BreakerConfig, CircuitBreaker, ConfigError, ConfigProblem};
+use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::cache::Cache;
 use crate::classify::Classifier;
 use crate::config::PoolConfig;
@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::fallback::RouteFallbacks;
 use crate::fallback::Served;
 use crate::health::{EndpointHealth, HealthReport, RouteHealth};
+use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::{Route, RouteConfig};
 use crate::router::Router;
 use degrade::Plan;

@@ -17,13 +17,14 @@ use super::events::{PoolListener, PoolListeners, PoolStateChange};
 use super::probe::Probes;
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
-use crate::breaker::{BreakerConfig, ConfigProblem};
+use crate::breaker::BreakerConfig;
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::config::PoolConfig;
 use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
 use crate::error::Result;
 use crate::fallback::{FallbackContext, RouteFallbacks};
+use crate::problem::ConfigProblem;
 use crate::route::{Route, RouteConfig};
 use crate::router::{ReadPreference, ReplicaSelection, Router};
 

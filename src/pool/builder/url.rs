@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use super::{ConnectOptionsOf, EndpointSpec, Target};
 use crate::backend::Backend;
-use crate::breaker::ConfigProblem;
+use crate::problem::ConfigProblem;
 
 /// Whether `url` is one of this database's (sqlx would parse some others without a word).
 fn has_scheme<DB: Backend>(url: &str) -> bool {

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use super::url::connect_options;
 use super::{ConnectOptionsOf, PoolBuilder};
 use crate::backend::Backend;
-use crate::breaker::{CircuitBreaker, ConfigError, ConfigProblem};
+use crate::breaker::CircuitBreaker;
 use crate::endpoint::duration_problem;
+use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::Route;
 
 /// One endpoint, ready to build.
