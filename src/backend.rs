@@ -21,6 +21,12 @@ pub trait Backend:
     /// The database's name in traces (OpenTelemetry `db.system`): `postgresql`, `sqlite`.
     const SYSTEM: &'static str;
 
+    /// The query parameters this database's connection URLs may carry. Checked before the
+    /// driver reads a URL: it would log an unknown one with its value (a misspelt
+    /// `pasword=...` included), or echo a bad value in its error.
+    #[doc(hidden)]
+    const URL_PARAMETERS: &'static [&'static str];
+
     /// The executor a query runs on: a mutable connection.
     type Executor<'c>: Executor<'c, Database = Self>
     where
@@ -85,6 +91,26 @@ pub trait Backend:
 
 impl Backend for Postgres {
     const SYSTEM: &'static str = "postgresql";
+    const URL_PARAMETERS: &'static [&'static str] = &[
+        "sslmode",
+        "ssl-mode",
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+        "statement-cache-capacity",
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "application_name",
+        "options",
+    ];
     type Executor<'c> = &'c mut sqlx::PgConnection;
 
     fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {
@@ -191,6 +217,7 @@ impl Backend for Postgres {
 
 impl Backend for Sqlite {
     const SYSTEM: &'static str = "sqlite";
+    const URL_PARAMETERS: &'static [&'static str] = &["mode", "cache", "immutable", "vfs"];
     type Executor<'c> = &'c mut sqlx::SqliteConnection;
 
     fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {

@@ -334,32 +334,59 @@ struct LoopState {
     backoff: [Backoff; 3],
 }
 
+impl LoopState {
+    fn new() -> Self {
+        Self {
+            next_health_check: Instant::now(),
+            backoff: Default::default(),
+        }
+    }
+}
+
 async fn probe_loop<DB: Backend>(
     guard: SlotGuard<DB>,
     wakeup: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (index, generation) = (guard.index, guard.generation);
-    let mut state = LoopState {
-        next_health_check: Instant::now(),
-        backoff: Default::default(),
-    };
+    let mut state = LoopState::new();
     loop {
         if *stop.borrow_and_update() {
             return;
         }
-        let wait = {
-            let Some(pool) = guard.pool.upgrade() else {
-                return; // the pool is gone
-            };
-            if !pool.probes.is_current(index, generation) {
-                return; // replaced while this task's runtime stood still
-            }
-            pool.probes.promise(index, generation, pool.round_budget());
-            let wait = pool.probe_round(index, &mut state).await;
-            pool.probes.promise(index, generation, wait);
-            wait
+        let Some(pool) = guard.pool.upgrade() else {
+            return; // the pool is gone
         };
+        if !pool.probes.is_current(index, generation) {
+            return; // replaced while this task's runtime stood still
+        }
+        pool.probes.promise(index, generation, pool.round_budget());
+        // Each round is a task of its own, so a panic in it (in a caller's classifier, say)
+        // ends the round, not the probing.
+        let round = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let wait = pool.probe_round(index, &mut state).await;
+                (wait, state)
+            }
+        });
+        let wait = match round.await {
+            Ok((wait, kept)) => {
+                state = kept;
+                wait
+            }
+            Err(error) if error.is_panic() => {
+                tracing::error!(
+                    endpoint = &*pool.endpoints[index].name,
+                    "a recovery probe round panicked; probing goes on"
+                );
+                state = LoopState::new();
+                pool.health_check_interval
+            }
+            Err(_) => return, // the runtime is shutting down
+        };
+        pool.probes.promise(index, generation, wait);
+        drop(pool);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             // A breaker of this endpoint opened: its open duration sets the next round.

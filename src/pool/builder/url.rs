@@ -41,16 +41,61 @@ pub(super) fn connect_options<DB: Backend>(
             ));
             None
         }
-        Target::Url(url) => match ConnectOptionsOf::<DB>::from_str(url) {
-            Ok(options) => Some(options),
-            Err(error) => {
-                // The driver's message only: the URL itself may hold a password.
-                problems.push(ConfigProblem::new(
-                    format!("{path}.url"),
-                    format!("not a valid connection URL: {error}"),
-                ));
-                None
+        Target::Url(url) => {
+            if let Some(problem) = unknown_parameter::<DB>(url) {
+                problems.push(ConfigProblem::new(format!("{path}.url"), problem));
+                return None;
             }
-        },
+            match ConnectOptionsOf::<DB>::from_str(url) {
+                Ok(options) => Some(options),
+                Err(_) => {
+                    // Not the driver's message: it quotes the values it rejects, and a
+                    // value may be a password.
+                    problems.push(ConfigProblem::new(
+                        format!("{path}.url"),
+                        format!(
+                            "not a valid {} connection URL: check its host, port, database \
+                             and parameter values (the text is not repeated here, as it may \
+                             hold a password)",
+                            DB::SYSTEM
+                        ),
+                    ));
+                    None
+                }
+            }
+        }
     }
+}
+
+/// The first query parameter of `url` that this database does not know, named without its
+/// value.
+fn unknown_parameter<DB: Backend>(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').map_or(pair, |(key, _)| key))
+        .find(|key| {
+            let known = DB::URL_PARAMETERS.contains(key)
+                || (key.starts_with("options[") && key.ends_with(']'));
+            !known
+        })
+        .map(|key| {
+            // A key is a name, not a secret; still, only a short, plain one is repeated.
+            let shown = if key.len() <= 40
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_[]".contains(c))
+            {
+                format!("`{key}`")
+            } else {
+                "a parameter".to_owned()
+            };
+            format!(
+                "{shown} is not a {} connection parameter (known: {})",
+                DB::SYSTEM,
+                DB::URL_PARAMETERS.join(", ")
+            )
+        })
 }
