@@ -408,6 +408,27 @@ fn durations_of_a_year_are_accepted_and_run() {
 }
 
 #[test]
+fn a_clock_at_the_end_of_its_range_does_not_overflow() {
+    // A custom clock may count from any origin; sums of its readings and configured durations
+    // saturate rather than panic.
+    let rig = Rig::new(BreakerConfig {
+        max_wait_in_half_open: YEAR,
+        ..consecutive(1)
+    });
+    rig.advance(Duration::from_nanos(u64::MAX) - secs(60));
+    rig.fail(1);
+    rig.advance(secs(2));
+    let trial = rig.breaker.try_acquire().expect("half-open");
+    let busy = rig.breaker.try_acquire().unwrap_err();
+    assert!(busy.retry_after.unwrap() <= secs(60));
+    drop(trial);
+    rig.advance(secs(58));
+    rig.call(Outcome::Failure);
+    assert_eq!(rig.state(), State::Open);
+    assert!(rig.breaker.snapshot().last_failure_at.is_some());
+}
+
+#[test]
 fn half_open_max_calls_is_bounded() {
     for too_many in [1_001, u32::MAX] {
         let config = BreakerConfig {
