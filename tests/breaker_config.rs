@@ -2,10 +2,22 @@
 
 mod support;
 
+use std::time::Duration;
+
 use protected_pool::breaker::{
     BreakerConfig, CircuitBreaker, OpenDuration, Outcome, SlidingWindow, State,
 };
 use support::{Rig, consecutive, ms, secs};
+
+/// The longest duration a breaker accepts.
+const YEAR: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+fn problem_paths(config: &BreakerConfig) -> Vec<String> {
+    match config.validate() {
+        Ok(()) => Vec::new(),
+        Err(error) => error.problems.into_iter().map(|p| p.path).collect(),
+    }
+}
 
 #[test]
 fn presets_match_the_design_and_validate() {
@@ -238,6 +250,267 @@ fn a_runtime_update_is_validated_and_cannot_change_the_window() {
     let paths: Vec<&str> = error.problems.iter().map(|p| p.path.as_str()).collect();
     assert_eq!(paths, ["failure_rate", "window"], "{error}");
     assert_eq!(rig.breaker.config().failure_rate, None, "nothing changed");
+    rig.fail(3);
+    assert_eq!(rig.state(), State::Open, "the old rule still holds");
+}
+
+#[test]
+fn minimum_calls_above_a_count_windows_size_is_rejected() {
+    let rate_rule = |minimum_calls| BreakerConfig {
+        consecutive_failures: None,
+        failure_rate: Some(0.5),
+        window: SlidingWindow::Count { size: 10 },
+        minimum_calls,
+        ..consecutive(1)
+    };
+    // The window never holds 11 of one thread's calls: the rule could never fire for it.
+    let error = rate_rule(11).validate().unwrap_err();
+    assert_eq!(problem_paths(&rate_rule(11)), ["minimum_calls"]);
+    assert!(
+        error.to_string().contains("above window.size 10"),
+        "{error}"
+    );
+    assert!(CircuitBreaker::new("bad", rate_rule(11)).is_err());
+
+    // Just inside: a full window is enough, and the rule fires on one thread.
+    let rig = Rig::new(rate_rule(10));
+    rig.succeed(5);
+    rig.fail(4);
+    assert_eq!(rig.state(), State::Closed, "9 calls are below the minimum");
+    rig.fail(1);
+    assert_eq!(rig.state(), State::Open, "5 failures in 10 calls is 50%");
+
+    // No rate rule reads the window, so its size does not matter; nor for a time window.
+    BreakerConfig {
+        minimum_calls: 11,
+        ..consecutive(1)
+    }
+    .validate()
+    .unwrap();
+    BreakerConfig {
+        minimum_calls: 1_000_000,
+        ..BreakerConfig::write()
+    }
+    .validate()
+    .unwrap();
+}
+
+/// A config valid but for one duration set to `value`, and the paths it must be reported at.
+fn with_duration(field: &str, value: Duration) -> (BreakerConfig, Vec<&'static str>) {
+    let valid = BreakerConfig {
+        slow_call_rate: Some(0.5),
+        ..consecutive(1)
+    };
+    match field {
+        "slow_call_duration" => (
+            BreakerConfig {
+                slow_call_duration: value,
+                ..valid
+            },
+            vec!["slow_call_duration"],
+        ),
+        "window.duration" => (
+            BreakerConfig {
+                window: SlidingWindow::Time {
+                    duration: value,
+                    buckets: 10,
+                },
+                ..valid
+            },
+            vec!["window.duration"],
+        ),
+        // With max at the bound: a longer base is also above max.
+        "open.base" => (
+            BreakerConfig {
+                open: OpenDuration {
+                    base: value,
+                    max: YEAR,
+                    ..valid.open
+                },
+                ..valid
+            },
+            if value > YEAR {
+                vec!["open.base", "open.max"]
+            } else {
+                vec![]
+            },
+        ),
+        "open.max" => (
+            BreakerConfig {
+                open: OpenDuration {
+                    max: value,
+                    ..valid.open
+                },
+                ..valid
+            },
+            vec!["open.max"],
+        ),
+        "max_wait_in_half_open" => (
+            BreakerConfig {
+                max_wait_in_half_open: value,
+                ..valid
+            },
+            vec!["max_wait_in_half_open"],
+        ),
+        _ => unreachable!("no duration field {field}"),
+    }
+}
+
+const DURATION_FIELDS: [&str; 5] = [
+    "slow_call_duration",
+    "window.duration",
+    "open.base",
+    "open.max",
+    "max_wait_in_half_open",
+];
+
+#[test]
+fn durations_beyond_a_year_are_listed_problems_not_panics() {
+    let too_long = [
+        YEAR + Duration::from_nanos(1),
+        Duration::from_secs(u64::MAX),
+        Duration::MAX,
+    ];
+    for field in DURATION_FIELDS {
+        for value in too_long {
+            let (config, expected) = with_duration(field, value);
+            let error = config.validate().unwrap_err();
+            let paths: Vec<&str> = error.problems.iter().map(|p| p.path.as_str()).collect();
+            assert_eq!(paths, expected, "{field} = {value:?}");
+            assert!(
+                error.problems[0].message.contains("365 days"),
+                "says the bound: {error}"
+            );
+            assert!(CircuitBreaker::new("bad", config).is_err());
+        }
+    }
+}
+
+#[test]
+fn durations_of_a_year_are_accepted_and_run() {
+    for field in DURATION_FIELDS {
+        let (config, _) = with_duration(field, YEAR);
+        assert_eq!(problem_paths(&config), Vec::<String>::new(), "{field}");
+        // Through every state, with two trial calls competing for one slot.
+        let rig = Rig::new(config);
+        rig.fail(1);
+        assert_eq!(rig.state(), State::Open, "{field}");
+        rig.advance(YEAR);
+        let trial = rig.breaker.try_acquire().expect("half-open");
+        let busy = rig.breaker.try_acquire().unwrap_err();
+        assert!(busy.retry_after.unwrap() <= YEAR, "{field}");
+        trial.record(Outcome::Failure, YEAR);
+        assert!(rig.breaker.time_until_trial().unwrap() <= YEAR, "{field}");
+        rig.advance(YEAR);
+        rig.call_taking(Outcome::Success, YEAR);
+        let _ = rig.breaker.snapshot();
+    }
+}
+
+#[test]
+fn a_clock_at_the_end_of_its_range_does_not_overflow() {
+    // A custom clock may count from any origin; sums of its readings and configured durations
+    // saturate rather than panic.
+    let rig = Rig::new(BreakerConfig {
+        max_wait_in_half_open: YEAR,
+        ..consecutive(1)
+    });
+    rig.advance(Duration::from_nanos(u64::MAX) - secs(60));
+    rig.fail(1);
+    rig.advance(secs(2));
+    let trial = rig.breaker.try_acquire().expect("half-open");
+    let busy = rig.breaker.try_acquire().unwrap_err();
+    assert!(busy.retry_after.unwrap() <= secs(60));
+    drop(trial);
+    rig.advance(secs(58));
+    rig.call(Outcome::Failure);
+    assert_eq!(rig.state(), State::Open);
+    assert!(rig.breaker.snapshot().last_failure_at.is_some());
+}
+
+#[test]
+fn half_open_max_calls_is_bounded() {
+    for too_many in [1_001, u32::MAX] {
+        let config = BreakerConfig {
+            half_open_max_calls: too_many,
+            ..consecutive(1)
+        };
+        assert_eq!(
+            problem_paths(&config),
+            ["half_open_max_calls"],
+            "{too_many}"
+        );
+        assert!(CircuitBreaker::new("bad", config).is_err());
+    }
+    // Just inside: a thousand trials at once.
+    let rig = Rig::new(BreakerConfig {
+        half_open_max_calls: 1_000,
+        ..consecutive(1)
+    });
+    rig.fail(1);
+    rig.advance(secs(1));
+    let trials: Vec<_> = (0..1_000)
+        .map(|_| rig.breaker.try_acquire().expect("a free trial slot"))
+        .collect();
+    assert!(trials.iter().all(|permit| permit.is_trial()));
+    assert_eq!(
+        rig.breaker.try_acquire().unwrap_err().state,
+        State::HalfOpen
+    );
+}
+
+#[test]
+fn a_runtime_update_is_held_to_the_same_bounds() {
+    let rig = Rig::new(consecutive(3));
+    let current = rig.breaker.config();
+    let updates = [
+        (
+            "minimum_calls",
+            BreakerConfig {
+                failure_rate: Some(0.5),
+                minimum_calls: 11,
+                ..current.clone()
+            },
+        ),
+        (
+            "half_open_max_calls",
+            BreakerConfig {
+                half_open_max_calls: u32::MAX,
+                ..current.clone()
+            },
+        ),
+        (
+            "open.max",
+            BreakerConfig {
+                open: OpenDuration {
+                    max: Duration::MAX,
+                    ..current.open
+                },
+                ..current.clone()
+            },
+        ),
+        (
+            "max_wait_in_half_open",
+            BreakerConfig {
+                max_wait_in_half_open: Duration::MAX,
+                ..current.clone()
+            },
+        ),
+        (
+            "slow_call_duration",
+            BreakerConfig {
+                slow_call_rate: Some(0.5),
+                slow_call_duration: Duration::MAX,
+                ..current.clone()
+            },
+        ),
+    ];
+    for (path, update) in updates {
+        let error = rig.breaker.update_config(update).unwrap_err();
+        let paths: Vec<&str> = error.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, [path], "{error}");
+    }
+    assert_eq!(rig.breaker.config(), current, "nothing changed");
     rig.fail(3);
     assert_eq!(rig.state(), State::Open, "the old rule still holds");
 }

@@ -3,10 +3,26 @@
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use protected_pool::breaker::{Outcome, State, TransitionReason};
+use protected_pool::breaker::{ListenerId, Outcome, State, TransitionReason};
 use support::{Rig, consecutive, ms, secs};
+
+/// Runs `work` on its own thread and waits a bounded time for it, so that a listener deadlock
+/// fails the test instead of hanging the suite.
+fn within_deadline<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    match finished.recv_timeout(Duration::from_secs(10)) {
+        Ok(value) => value,
+        Err(RecvTimeoutError::Timeout) => panic!("still blocked after 10s: a listener deadlock"),
+        Err(RecvTimeoutError::Disconnected) => panic!("the work panicked"),
+    }
+}
 
 /// Closed -> Open -> HalfOpen -> Open -> HalfOpen -> Closed -> ForcedOpen -> Closed.
 fn cycle(rig: &Rig) {
@@ -159,4 +175,71 @@ fn concurrent_transitions_are_each_delivered_once_in_sequence_order() {
     let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
     assert_eq!(sequences, expected, "no gap, no duplicate, in order");
     assert!(changes.windows(2).all(|w| w[0].to == w[1].from));
+}
+
+#[test]
+fn a_listener_may_add_and_remove_listeners_on_its_own_breaker() {
+    let rig = Rig::new(consecutive(1));
+    let removed_saw = Arc::new(Mutex::new(Vec::new()));
+    let sink = removed_saw.clone();
+    let removed = rig.breaker.on_state_change(move |change| {
+        sink.lock().unwrap().push((change.from, change.to));
+    });
+    let added_saw = Arc::new(Mutex::new(Vec::new()));
+    let breaker = rig.breaker.clone();
+    let added_sink = added_saw.clone();
+    rig.breaker.on_state_change(move |change| {
+        if change.to == State::Open {
+            let sink = added_sink.clone();
+            breaker.on_state_change(move |change| {
+                sink.lock().unwrap().push((change.from, change.to));
+            });
+            breaker.remove_listener(removed);
+        }
+    });
+    let rig = within_deadline(move || {
+        rig.fail(1);
+        rig.breaker.reset();
+        rig.breaker.force_open();
+        rig
+    });
+    assert_eq!(
+        rig.transitions(),
+        [
+            (State::Closed, State::Open),
+            (State::Open, State::Closed),
+            (State::Closed, State::ForcedOpen),
+        ]
+    );
+    // Added during the first transition: hears every one after it.
+    assert_eq!(
+        *added_saw.lock().unwrap(),
+        [
+            (State::Open, State::Closed),
+            (State::Closed, State::ForcedOpen)
+        ]
+    );
+    // Removed during the first transition, which it had already heard: nothing after it.
+    assert_eq!(*removed_saw.lock().unwrap(), [(State::Closed, State::Open)]);
+}
+
+#[test]
+fn a_listener_may_remove_itself() {
+    let rig = Rig::new(consecutive(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let own_id = Arc::new(OnceLock::<ListenerId>::new());
+    let (breaker, counter, id) = (rig.breaker.clone(), calls.clone(), own_id.clone());
+    let registered = rig.breaker.on_state_change(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        breaker.remove_listener(*id.get().expect("set right after registering"));
+    });
+    own_id.set(registered).unwrap();
+    let rig = within_deadline(move || {
+        rig.fail(1);
+        rig.breaker.reset();
+        rig
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "a one-shot listener");
+    assert_eq!(rig.transitions().len(), 2);
+    assert!(!rig.breaker.remove_listener(registered), "already gone");
 }

@@ -460,6 +460,10 @@ fn config() -> impl Strategy<Value = BreakerConfig> {
                 max_wait_in_half_open: Duration::from_secs(max_wait_secs),
             },
         )
+        // A rate rule's minimum above a count window's size is refused: it could never trip.
+        .prop_filter("minimum_calls fits in a count window", |config| {
+            config.validate().is_ok()
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,11 +6,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::problem::{ConfigError, ConfigProblem};
 
+/// The longest duration any field may hold: 365 days.
+///
+/// The breaker adds durations to clock readings kept as nanoseconds in a `u64`, which lasts
+/// about 584 years: a year keeps every such sum far from overflowing at any uptime. Nothing a
+/// breaker measures (a call, a window, an open spell) has a reason to be longer, so a value
+/// above it is a unit mistake, such as milliseconds written as seconds, better refused.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The most trial calls a half-open breaker may admit at once.
+///
+/// Trial slots are allocated up front, one per call, and scanned under the breaker's lock at
+/// every trial admission and outcome; 1,000 keeps that to 16 KiB and a scan of microseconds,
+/// while `u32::MAX` would be a 64 GiB allocation. Half-open exists to let a few calls test a
+/// recovering database, so even hundreds defeat its purpose.
+const MAX_HALF_OPEN_CALLS: u32 = 1_000;
+
 /// How a breaker decides to open, how long it stays open, and how it closes again.
 ///
 /// Plain data with serde support. Start from a preset ([`BreakerConfig::read`],
 /// [`BreakerConfig::write`], [`BreakerConfig::auth`]) and change fields; [`BreakerConfig::validate`]
 /// lists every problem at once. `Default` is the write preset.
+///
+/// Every duration is at most 365 days, `half_open_max_calls` at most 1,000, and with a rate rule
+/// on a count window `minimum_calls` at most the window's `size`; see the fields.
 ///
 /// Trip rules are optional and combinable; the breaker opens when any enabled rule holds after
 /// an outcome is recorded:
@@ -46,10 +65,13 @@ pub struct BreakerConfig {
     /// The window the rate rules look at.
     pub window: SlidingWindow,
     /// The rate rules wait until the window holds at least this many calls.
+    ///
+    /// At most a count window's `size` when a rate rule is on: the window holds only the last
+    /// `size` calls of a thread, so a larger minimum could never be met by one thread's calls.
     pub minimum_calls: u32,
     /// How long the breaker stays open.
     pub open: OpenDuration,
-    /// Trial calls admitted at once while half-open.
+    /// Trial calls admitted at once while half-open; at most 1,000.
     pub half_open_max_calls: u32,
     /// Successful trials needed to close from half-open.
     pub success_threshold: u32,
@@ -188,6 +210,9 @@ impl BreakerConfig {
     }
 
     /// Checks every field and returns all problems found, each with its field path.
+    ///
+    /// A config that passes cannot make the breaker panic or allocate without bound: durations
+    /// are at most 365 days and `half_open_max_calls` at most 1,000.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         self.validate_into("", &mut problems);
@@ -237,6 +262,8 @@ impl BreakerConfig {
         }
         if self.slow_call_rate.is_some() && self.slow_call_duration.is_zero() {
             report("slow_call_duration", "0s would make every call slow".into());
+        } else if let Some(message) = too_long(self.slow_call_duration) {
+            report("slow_call_duration", message);
         }
         match self.window {
             SlidingWindow::Count { size } => {
@@ -247,6 +274,8 @@ impl BreakerConfig {
             SlidingWindow::Time { duration, buckets } => {
                 if duration.is_zero() {
                     report("window.duration", "0s must be above zero".into());
+                } else if let Some(message) = too_long(duration) {
+                    report("window.duration", message);
                 }
                 if buckets == 0 {
                     report("window.buckets", "0 must be at least 1".into());
@@ -261,9 +290,26 @@ impl BreakerConfig {
         if self.minimum_calls == 0 {
             report("minimum_calls", "0 must be at least 1".into());
         }
+        // Only the rate rules read the window; without them the minimum is never used.
+        let rate_rules = self.failure_rate.is_some() || self.slow_call_rate.is_some();
+        if let SlidingWindow::Count { size } = self.window {
+            if rate_rules && size > 0 && self.minimum_calls > size {
+                report(
+                    "minimum_calls",
+                    format!(
+                        "{} is above window.size {size}: the window holds only the last {size} \
+                         calls of a thread, so the rate rules could never trip on one thread's \
+                         calls",
+                        self.minimum_calls
+                    ),
+                );
+            }
+        }
         let open = &self.open;
         if open.base.is_zero() {
             report("open.base", "0s must be above zero".into());
+        } else if let Some(message) = too_long(open.base) {
+            report("open.base", message);
         }
         if !(open.multiplier >= 1.0 && open.multiplier.is_finite()) {
             report(
@@ -276,20 +322,38 @@ impl BreakerConfig {
                 "open.max",
                 format!("{:?} is below open.base {:?}", open.max, open.base),
             );
+        } else if let Some(message) = too_long(open.max) {
+            report("open.max", message);
         }
         if !(open.jitter >= 0.0 && open.jitter < 1.0) {
             report("open.jitter", format!("{} is outside 0..1", open.jitter));
         }
         if self.half_open_max_calls == 0 {
             report("half_open_max_calls", "0 must be at least 1".into());
+        } else if self.half_open_max_calls > MAX_HALF_OPEN_CALLS {
+            report(
+                "half_open_max_calls",
+                format!(
+                    "{} is above {MAX_HALF_OPEN_CALLS}: half-open lets a few trial calls test \
+                     a recovering database, and each slot is held in memory",
+                    self.half_open_max_calls
+                ),
+            );
         }
         if self.success_threshold == 0 {
             report("success_threshold", "0 must be at least 1".into());
         }
         if self.max_wait_in_half_open.is_zero() {
             report("max_wait_in_half_open", "0s must be above zero".into());
+        } else if let Some(message) = too_long(self.max_wait_in_half_open) {
+            report("max_wait_in_half_open", message);
         }
     }
+}
+
+/// The problem with a duration above [`MAX_DURATION`], if it is.
+fn too_long(duration: Duration) -> Option<String> {
+    (duration > MAX_DURATION).then(|| format!("{duration:?} is above the limit of 365 days"))
 }
 
 impl Default for BreakerConfig {

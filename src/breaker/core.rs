@@ -385,8 +385,9 @@ impl Inner {
             .unwrap_or(now);
         Err(Rejected {
             state: State::HalfOpen,
+            // Saturating: a custom clock may read close to the end of its range.
             retry_after: Some(Duration::from_nanos(
-                (oldest + max_wait).saturating_sub(now),
+                oldest.saturating_add(max_wait).saturating_sub(now),
             )),
         })
     }
@@ -438,7 +439,8 @@ impl Inner {
         };
         self.stripes.record(failed, slow, now, in_window);
         if failed {
-            self.last_failure.store(now + 1, Ordering::Relaxed);
+            self.last_failure
+                .store(now.saturating_add(1), Ordering::Relaxed);
         }
         if !live {
             return;
@@ -548,7 +550,8 @@ impl Inner {
             Outcome::Success => self.stripes.record(false, slow, now, false),
             Outcome::Failure => {
                 self.stripes.record(true, slow, now, false);
-                self.last_failure.store(now + 1, Ordering::Relaxed);
+                self.last_failure
+                    .store(now.saturating_add(1), Ordering::Relaxed);
             }
         }
         {

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -56,14 +56,27 @@ enum Sink {
     Channel(mpsc::UnboundedSender<StateChange>),
 }
 
+/// One registration: a sink, and whether it is still registered.
+struct Registered {
+    id: ListenerId,
+    sink: Sink,
+    /// Cleared on removal, so that a delivery already holding a snapshot that lists this sink
+    /// skips it from then on: a listener removed by another listener hears nothing more.
+    live: AtomicBool,
+}
+
 /// Registered listeners and the queue of transitions not yet delivered.
 ///
 /// Transitions are queued while the breaker's state lock is held, so the queue is in
 /// transition order. Delivery happens after that lock is released (a listener may call back
 /// into the breaker) by whichever thread gets the delivery lock; the others leave their events
 /// to it.
+///
+/// The sink list is copied on write and shared: each delivery takes a snapshot (one reference
+/// count) and calls the listeners with no lock held, so a listener may add or remove listeners
+/// on its own breaker. Registrations are rare; transitions are delivered far more often.
 pub(crate) struct Listeners {
-    sinks: RwLock<Vec<(ListenerId, Sink)>>,
+    sinks: RwLock<Arc<[Arc<Registered>]>>,
     next_id: AtomicU64,
     queue: Mutex<VecDeque<StateChange>>,
     delivering: Mutex<()>,
@@ -79,7 +92,7 @@ impl fmt::Debug for Listeners {
 impl Listeners {
     pub(crate) fn new() -> Self {
         Self {
-            sinks: RwLock::new(Vec::new()),
+            sinks: RwLock::new(Arc::new([])),
             next_id: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             delivering: Mutex::new(()),
@@ -88,10 +101,13 @@ impl Listeners {
 
     fn add(&self, sink: Sink) -> ListenerId {
         let id = ListenerId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.sinks
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((id, sink));
+        let registered = Arc::new(Registered {
+            id,
+            sink,
+            live: AtomicBool::new(true),
+        });
+        let mut sinks = self.sinks.write().unwrap_or_else(PoisonError::into_inner);
+        *sinks = sinks.iter().cloned().chain([registered]).collect();
         id
     }
 
@@ -106,10 +122,25 @@ impl Listeners {
     }
 
     pub(crate) fn remove(&self, id: ListenerId) -> bool {
+        self.remove_where(|registered| registered.id == id)
+    }
+
+    /// Unregisters every sink `matches` picks; returns whether there was one.
+    fn remove_where(&self, matches: impl Fn(&Registered) -> bool) -> bool {
         let mut sinks = self.sinks.write().unwrap_or_else(PoisonError::into_inner);
-        let before = sinks.len();
-        sinks.retain(|(sink_id, _)| *sink_id != id);
-        sinks.len() != before
+        let mut found = false;
+        for registered in sinks.iter().filter(|registered| matches(registered)) {
+            registered.live.store(false, Ordering::Relaxed);
+            found = true;
+        }
+        if found {
+            *sinks = sinks
+                .iter()
+                .filter(|registered| registered.live.load(Ordering::Relaxed))
+                .cloned()
+                .collect();
+        }
+        found
     }
 
     /// Queues a transition. Call with the breaker's state lock held.
@@ -155,24 +186,26 @@ impl Listeners {
     }
 
     fn send(&self, change: &StateChange) {
+        // Taken per transition, so a listener added while one transition is delivered hears
+        // the next.
+        let sinks = Arc::clone(&self.sinks.read().unwrap_or_else(PoisonError::into_inner));
         let mut closed = false;
-        {
-            let sinks = self.sinks.read().unwrap_or_else(PoisonError::into_inner);
-            for (_, sink) in sinks.iter() {
-                match sink {
-                    Sink::Callback(callback) => {
-                        // A panicking listener must not take the breaker down with it.
-                        let _ = catch_unwind(AssertUnwindSafe(|| callback(change)));
-                    }
-                    Sink::Channel(sender) => closed |= sender.send(change.clone()).is_err(),
+        for registered in sinks.iter() {
+            if !registered.live.load(Ordering::Relaxed) {
+                continue;
+            }
+            match &registered.sink {
+                Sink::Callback(callback) => {
+                    // A panicking listener must not take the breaker down with it.
+                    let _ = catch_unwind(AssertUnwindSafe(|| callback(change)));
                 }
+                Sink::Channel(sender) => closed |= sender.send(change.clone()).is_err(),
             }
         }
         if closed {
-            self.sinks
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .retain(|(_, sink)| !matches!(sink, Sink::Channel(s) if s.is_closed()));
+            self.remove_where(|registered| {
+                matches!(&registered.sink, Sink::Channel(sender) if sender.is_closed())
+            });
         }
     }
 }

@@ -208,6 +208,9 @@ impl CircuitBreaker {
     /// Calls `listener` on every transition, on the thread that caused it, after the breaker's
     /// own lock is released (the listener may call back into the breaker). Transitions arrive
     /// once each and in order. A panicking listener is contained.
+    ///
+    /// No lock is held while listeners run, so a listener may add or remove listeners on this
+    /// breaker: one added from a callback hears the transitions after the one being delivered.
     pub fn on_state_change(
         &self,
         listener: impl Fn(&StateChange) + Send + Sync + 'static,
@@ -221,7 +224,8 @@ impl CircuitBreaker {
     }
 
     /// Removes a callback registered with [`on_state_change`](Self::on_state_change).
-    /// Returns whether it was registered.
+    /// Returns whether it was registered. It hears no transition after this returns, save for
+    /// one that another thread was already delivering.
     pub fn remove_listener(&self, id: ListenerId) -> bool {
         self.inner.listeners.remove(id)
     }

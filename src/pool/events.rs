@@ -1,6 +1,7 @@
 //! State changes of every breaker of a pool, tagged with route and endpoint.
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Serialize;
@@ -56,13 +57,16 @@ impl PoolListeners {
     }
 
     pub(crate) fn emit(&self, change: &PoolStateChange) {
+        // A copy, so no lock is held while listeners run: one may register another.
         let listeners = self
             .listeners
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         for listener in listeners {
-            listener(change);
+            // Caught here, not only by the breaker that forwards the change: a panic would
+            // otherwise end this loop, and the listeners after it would never hear of it.
+            let _ = catch_unwind(AssertUnwindSafe(|| listener(change)));
         }
     }
 }
