@@ -7,7 +7,7 @@
 //! | name | type | labels | what |
 //! |---|---|---|---|
 //! | `protected_pool_calls_total` | counter | `route`, `endpoint`, `outcome` | attempts on an endpoint (`success`, `failure`, `rejected`) and calls served without one (`cache`, `fallback`; `endpoint="none"`) |
-//! | `protected_pool_errors_total` | counter | `route`, `endpoint`, `class` | failed attempts by [`ErrorClass`] |
+//! | `protected_pool_errors_total` | counter | `route`, `endpoint`, `class` | failed attempts by [`ErrorClass`](crate::ErrorClass) |
 //! | `protected_pool_call_duration_seconds` | histogram | `route`, `endpoint`, `outcome` | time of an attempt, from connection checkout to result |
 //! | `protected_pool_breaker_state` | gauge | `route`, `endpoint` | 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled |
 //! | `protected_pool_breaker_transitions_total` | counter | `route`, `endpoint`, `from`, `to` | state changes |
@@ -19,8 +19,6 @@
 use metrics::{Counter, Histogram, Label};
 
 use crate::breaker::State;
-use crate::classify::ErrorClass;
-use crate::endpoint::PoolStatus;
 use crate::route::Route;
 
 /// Attempts and calls, by `route`, `endpoint` and `outcome`.
@@ -97,8 +95,9 @@ impl RouteMetrics {
         self.success_duration.record(elapsed);
     }
 
-    /// A failed attempt; `elapsed` is `None` when it failed before a connection was had.
-    pub(crate) fn failure(&self, class: ErrorClass, elapsed: Option<std::time::Duration>) {
+    /// A failed attempt of error class `class` (its label); `elapsed` is `None` when it
+    /// failed before a connection was had.
+    pub(crate) fn failure(&self, class: &'static str, elapsed: Option<std::time::Duration>) {
         self.failure.increment(1);
         if let Some(elapsed) = elapsed {
             self.failure_duration.record(elapsed);
@@ -107,7 +106,7 @@ impl RouteMetrics {
             ERRORS,
             "route" => self.route.as_str(),
             "endpoint" => self.endpoint.to_string(),
-            "class" => class.as_str(),
+            "class" => class,
         )
         .increment(1);
     }
@@ -151,12 +150,13 @@ pub(crate) fn transition(route: Route, endpoint: &str, from: State, to: State) {
     breaker_state(route, endpoint, to);
 }
 
-pub(crate) fn pool_status(endpoint: &str, status: PoolStatus) {
+/// Connection counts of an endpoint's pool: `open`, `idle`, `waiting` and `max`.
+pub(crate) fn pool_status(endpoint: &str, [open, idle, waiting, max]: [usize; 4]) {
     for (state, value) in [
-        ("open", status.size),
-        ("idle", status.idle),
-        ("waiting", status.waiting),
-        ("max", status.max_size),
+        ("open", open),
+        ("idle", idle),
+        ("waiting", waiting),
+        ("max", max),
     ] {
         metrics::gauge!(CONNECTIONS, "endpoint" => endpoint.to_owned(), "state" => state)
             .set(value as f64);

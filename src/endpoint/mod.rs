@@ -226,6 +226,15 @@ impl<DB: Backend> Endpoint<DB> {
         }
     }
 
+    /// Publishes the connection counts as metrics.
+    pub(crate) fn publish_status(&self) {
+        let status = self.status();
+        crate::telemetry::pool_status(
+            &self.name,
+            [status.size, status.idle, status.waiting, status.max_size],
+        );
+    }
+
     pub(crate) fn close(&self) {
         self.pool.close();
     }

@@ -14,7 +14,7 @@ use deadpool::managed::{PoolError, TimeoutType};
 use tokio::time::timeout_at;
 
 use super::PoolInner;
-use super::failover::Operation;
+use super::operation::Operation;
 use crate::backend::Backend;
 use crate::breaker::{Outcome, Permit};
 use crate::classify::ErrorClass;
@@ -164,7 +164,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 let judged = judge(self.pool, &source, route);
                 let broken = checkout.is_broken();
                 permit.record(judged.outcome, elapsed);
-                metrics.failure(judged.class, Some(elapsed));
+                metrics.failure(judged.class.as_str(), Some(elapsed));
                 Failed {
                     // An answer from the server means the statement did not take effect; a
                     // connection lost after it left says nothing about whether it ran.
@@ -177,7 +177,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 // Still busy: the checkout closes the connection and asks the server to stop
                 // the statement.
                 permit.record(Outcome::Failure, elapsed);
-                metrics.failure(ErrorClass::Timeout, Some(elapsed));
+                metrics.failure(ErrorClass::Timeout.as_str(), Some(elapsed));
                 Failed {
                     error: Error::Timeout {
                         route,
@@ -261,7 +261,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 if DB::breaks_connection(&source) || judged.class == ErrorClass::Connection {
                     endpoint.connection_lost();
                 }
-                endpoint.metrics(route).failure(judged.class, None);
+                endpoint.metrics(route).failure(judged.class.as_str(), None);
                 // A connect the server refused for an infrastructure reason is the
                 // endpoint's failure; one it answered otherwise (a bad password) is the call's.
                 return Err(Refused {
@@ -287,7 +287,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 },
             ),
         };
-        endpoint.metrics(route).failure(class, None);
+        endpoint.metrics(route).failure(class.as_str(), None);
         Err(Refused {
             failed: not_started(error, true),
             outcome: Some(Outcome::Failure),

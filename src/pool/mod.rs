@@ -5,6 +5,7 @@ mod builder;
 mod degrade;
 mod events;
 mod failover;
+mod operation;
 mod probe;
 mod routed;
 mod statement;
@@ -35,7 +36,8 @@ use crate::route::{Route, RouteConfig};
 use crate::router::Router;
 use degrade::Plan;
 use events::PoolListeners;
-use failover::{Closure, Once, Replay};
+use failover::Replay;
+use operation::{Closure, Once};
 
 /// A pool of database connections with a circuit breaker per route on each endpoint.
 ///
@@ -312,7 +314,7 @@ impl<DB: Backend> ProtectedPool<DB> {
                     (replica_lag, self.inner.max_replica_lag),
                     (Some(lag), Some(max)) if lag > max
                 );
-            crate::telemetry::pool_status(&endpoint.name, endpoint.status());
+            endpoint.publish_status();
             let breakers = endpoint
                 .breakers()
                 .map(|(route, breaker)| RouteHealth::new(route, breaker.snapshot()))

@@ -194,7 +194,7 @@ impl<DB: Backend> PoolInner<DB> {
     /// One round on one endpoint; returns how long to sleep before the next.
     async fn probe_round(&self, index: usize, state: &mut LoopState) -> Duration {
         let endpoint = &self.endpoints[index];
-        crate::telemetry::pool_status(&endpoint.name, endpoint.status());
+        endpoint.publish_status();
         let now = Instant::now();
         if now >= state.next_health_check {
             state.next_health_check = now + self.health_check_interval;

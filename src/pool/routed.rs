@@ -14,7 +14,8 @@ use sqlx::{Database, IntoArguments};
 
 use super::ProtectedPool;
 use super::degrade::{CacheRequest, Plan};
-use super::failover::{Erased, Replay};
+use super::failover::Replay;
+use super::operation::Erased;
 use super::statement::{FetchFn, QueryFuture, RoutableQuery, execute_on, fetch_one_on};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
