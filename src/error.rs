@@ -30,6 +30,8 @@ pub enum Error {
         rejected: Rejected,
         /// What the endpoint's recovery probe last met there, when it was not a success (a
         /// server rejecting the pool's credentials, say): why the breaker is still not closed.
+        /// Also the error's [`source`](std::error::Error::source).
+        #[source]
         cause: Option<Arc<Error>>,
     },
     /// Every connection of the endpoint's pool was in use for as long as the call could wait:
@@ -169,14 +171,12 @@ impl Error {
         }
     }
 
-    /// The failure's class (the last endpoint's, when several were tried); for a refusal,
-    /// the class of what the endpoint's recovery probe last met there, if anything; `None`
-    /// for a plain refusal, a saturated pool, a skipped replica, a closed pool or bad
-    /// configuration.
+    /// The failure's class (the last endpoint's, when several were tried); `None` for a
+    /// refusal (its `source()` is what the recovery probe last met, if anything), a saturated
+    /// pool, a skipped replica, a closed pool or bad configuration.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
             Self::Database { class, .. } => Some(*class),
-            Self::CircuitOpen { cause, .. } => cause.as_ref().and_then(|cause| cause.class()),
             Self::Timeout { .. } => Some(ErrorClass::Timeout),
             Self::InvalidQuery { .. } => Some(ErrorClass::Query),
             Self::AllEndpointsFailed { attempts, .. } => attempts

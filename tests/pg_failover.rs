@@ -1110,17 +1110,12 @@ async fn a_thousand_readers_ride_through_a_primary_crash_and_restart() {
     }
 }
 
-/// BUG (library): a recovery probe pings whatever idle connection the endpoint's pool hands
-/// out, and the pool hands out connections idle for less than `idle_check_after` (30 s) without
-/// checking them. After a crash and restart of the server, every connection still pooled from
-/// before the crash is dead: each probe trial takes one, fails, and re-opens the breaker with
-/// the next, doubled, open duration. A healthy server thus stays cut off for one more open
-/// duration per stale connection (here three are left: 300 ms + 600 ms + 1 s + 1 s, about 2.9 s,
-/// instead of 300 ms; with the write preset's 10 s doubling to 60 s, ten stale connections cost
-/// some eight minutes), and the listener reports failed trials of a server that answers every
-/// new connection.
-///
-/// The server is back before the breaker opens, so every failed trial here is spurious.
+/// After a crash and restart of the server, every connection still pooled from before the
+/// crash is dead, and connections idle for less than `idle_check_after` (30 s) are handed out
+/// unchecked. A read that meets one runs again on a fresh connection (the server is fine), and
+/// the health loop closes the rest, so neither a caller nor a probe trial meets them and no
+/// breaker opens on a healthy server. (Before, the read failed and opened the breaker, and each
+/// probe trial took another dead connection and re-opened it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_are_not_fooled_by_connections_that_died_with_the_previous_server() {
     let pg = primary_server().await;
@@ -1161,40 +1156,29 @@ async fn probes_are_not_fooled_by_connections_that_died_with_the_previous_server
     pg.start_again().await.expect("start again");
     assert_eq!(pg.psql("SELECT 1").await.expect("psql"), "1");
 
-    // The first read meets a connection that died with the old server: it fails, and opens the
-    // read breaker. No call is made after it.
-    let error = read_on_replica(&pool)
-        .await
-        .expect_err("a dead connection answered");
-    assert_eq!(error.class(), Some(ErrorClass::Connection), "{error}");
+    // The first read meets a connection that died with the old server. That says nothing about
+    // the server: the read runs again on a fresh connection, and the breaker hears a success.
     let breaker = pool.breaker(Route::Read, PRIMARY).unwrap();
-    assert_eq!(breaker.state(), State::Open);
-    let opened = Instant::now();
-
-    // The server answers new connections: the first probe trial, due after the open duration,
-    // should find it healthy.
-    let limit = OPEN_BASE + HEALTH_INTERVAL + ms(500);
-    let closed = eventually(limit, || breaker.state() == State::Closed).await;
-    let still_closed_after =
-        eventually(Duration::from_secs(5), || breaker.state() == State::Closed)
-            .await
-            .then(|| opened.elapsed());
+    let before = breaker.snapshot();
+    let on_replica = read_on_replica(&pool)
+        .await
+        .expect("a read after the restart, on a fresh connection");
+    assert!(!on_replica, "the primary did not answer");
+    let after = breaker.snapshot();
+    assert_eq!(after.total_failures, before.total_failures, "{after:?}");
+    assert_eq!(breaker.state(), State::Closed);
     assert!(
-        closed,
-        "the breaker of a healthy server was not closed {limit:?} after it opened (closed after \
-         {still_closed_after:?}); transitions: {:#?}",
-        changes.describe()
-    );
-    assert_eq!(
-        changes.of(PRIMARY, Route::Read),
-        [
-            (State::Closed, State::Open),
-            (State::Open, State::HalfOpen),
-            (State::HalfOpen, State::Closed),
-        ],
+        changes.of(PRIMARY, Route::Read).is_empty(),
         "{:#?}",
         changes.describe()
     );
+    // The health loop closes the other idle connections that died with the old server; the
+    // probes, which check connections the same way, never meet them either.
+    let settled = eventually(Duration::from_secs(3), || {
+        pool.status(PRIMARY).unwrap().size <= 2
+    })
+    .await;
+    assert!(settled, "{:?}", pool.status(PRIMARY).unwrap());
 }
 
 /// BUG (library): the lag query (`Backend::replication_lag` for PostgreSQL, `src/backend.rs`)
