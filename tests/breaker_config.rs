@@ -514,3 +514,48 @@ fn a_runtime_update_is_held_to_the_same_bounds() {
     rig.fail(3);
     assert_eq!(rig.state(), State::Open, "the old rule still holds");
 }
+
+#[test]
+fn window_sizes_are_bounded() {
+    use protected_pool::breaker::SlidingWindow;
+    for (window, path) in [
+        (SlidingWindow::Count { size: 100_001 }, "window.size"),
+        (SlidingWindow::Count { size: u32::MAX }, "window.size"),
+        (
+            SlidingWindow::Time {
+                duration: secs(60),
+                buckets: 1_001,
+            },
+            "window.buckets",
+        ),
+        (
+            SlidingWindow::Time {
+                duration: secs(60),
+                buckets: u32::MAX,
+            },
+            "window.buckets",
+        ),
+    ] {
+        let config = BreakerConfig {
+            window,
+            ..consecutive(1)
+        };
+        assert_eq!(problem_paths(&config), [path], "{window:?}");
+        assert!(CircuitBreaker::new("bad", config).is_err());
+    }
+    // Just inside each bound: built, and it counts.
+    for window in [
+        SlidingWindow::Count { size: 100_000 },
+        SlidingWindow::Time {
+            duration: secs(60),
+            buckets: 1_000,
+        },
+    ] {
+        let rig = Rig::new(BreakerConfig {
+            window,
+            ..consecutive(3)
+        });
+        rig.fail(3);
+        assert_eq!(rig.state(), State::Open, "{window:?}");
+    }
+}

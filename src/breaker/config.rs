@@ -22,6 +22,17 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// recovering database, so even hundreds defeat its purpose.
 const MAX_HALF_OPEN_CALLS: u32 = 1_000;
 
+/// The most calls a count window may hold. Every stripe keeps two bits per position (failed,
+/// slow), and there are up to 64 stripes: 100,000 positions cost 1.6 MB per breaker, while
+/// `u32::MAX` would cost about 64 GiB. A rate over the last hundred thousand calls is already
+/// steadier than any trip rule needs.
+const MAX_WINDOW_SIZE: u32 = 100_000;
+
+/// The most slices a time window may be kept in: each stripe holds a counter block per slice
+/// (rounded up to a power of two), so `u32::MAX` slices would be a 128 GiB allocation; a
+/// thousand slices already make the window slide in steps of 0.1 % of its length.
+const MAX_WINDOW_BUCKETS: u32 = 1_000;
+
 /// How a breaker decides to open, how long it stays open, and how it closes again.
 ///
 /// Plain data with serde support. Start from a preset ([`BreakerConfig::read`],
@@ -269,6 +280,11 @@ impl BreakerConfig {
             SlidingWindow::Count { size } => {
                 if size == 0 {
                     report("window.size", "0 must be at least 1".into());
+                } else if size > MAX_WINDOW_SIZE {
+                    report(
+                        "window.size",
+                        format!("{size} is above {MAX_WINDOW_SIZE}, the most a window may hold"),
+                    );
                 }
             }
             SlidingWindow::Time { duration, buckets } => {
@@ -279,6 +295,13 @@ impl BreakerConfig {
                 }
                 if buckets == 0 {
                     report("window.buckets", "0 must be at least 1".into());
+                } else if buckets > MAX_WINDOW_BUCKETS {
+                    report(
+                        "window.buckets",
+                        format!(
+                            "{buckets} is above {MAX_WINDOW_BUCKETS}, the most slices a window may have"
+                        ),
+                    );
                 } else if duration.as_nanos() < u128::from(buckets) {
                     report(
                         "window.buckets",
