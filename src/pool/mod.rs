@@ -216,7 +216,9 @@ impl<DB: Backend> ProtectedPool<DB> {
         served.await.map(Served::into_inner)
     }
 
-    /// Calls `listener` on every state change of every breaker of the pool.
+    /// Calls `listener` on every state change of every breaker of the pool. A listener may
+    /// add listeners from its callback; one that panics does not keep the others from
+    /// hearing the change.
     pub fn on_state_change(&self, listener: impl Fn(&PoolStateChange) + Send + Sync + 'static) {
         self.inner.listeners.add(Arc::new(listener));
     }
@@ -249,10 +251,7 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// [`CircuitBreaker::update_config`]). Nothing changes unless the new config is valid for
     /// all of them.
     pub fn update_breaker(&self, route: Route, config: BreakerConfig) -> Result<()> {
-        let endpoints = &self.inner.endpoints;
-        let first = endpoints[0].breaker(route);
-        // All breakers of a route share one config: checking one checks them all.
-        first.update_config(config.clone()).map_err(|error| {
+        let in_route = |error: ConfigError| {
             ConfigError::new(
                 error
                     .problems
@@ -265,12 +264,14 @@ impl<DB: Backend> ProtectedPool<DB> {
                     })
                     .collect(),
             )
-        })?;
-        for endpoint in &endpoints[1..] {
+        };
+        // All breakers of a route share one config and one window shape: the first one's
+        // answer is every one's, so none changes unless all can.
+        for endpoint in &self.inner.endpoints {
             endpoint
                 .breaker(route)
                 .update_config(config.clone())
-                .expect("valid for the first endpoint's breaker of the same route");
+                .map_err(in_route)?;
         }
         Ok(())
     }

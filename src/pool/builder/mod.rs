@@ -240,7 +240,7 @@ impl<DB: Backend> PoolBuilder<DB> {
     }
 
     /// Where [`cached`](crate::Routed::cached) reads keep their results (default: a
-    /// [`MemoryCache`] of 10,000 entries).
+    /// [`MemoryCache`] of at most 10,000 values and 64 MiB).
     pub fn cache(mut self, cache: impl Cache) -> Self {
         self.cache = Some(Arc::new(cache));
         self
