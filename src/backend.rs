@@ -125,18 +125,7 @@ impl Backend for Postgres {
         let class = classify::classify_sqlx(error, Self::classify_code);
         // A FATAL or PANIC error ends the session whatever its code says (an idle timeout,
         // for one): the connection is gone, so it must be treated as lost, not reused.
-        let session_ended = match error {
-            sqlx::Error::Database(db) => db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some_and(|pg| {
-                    matches!(
-                        pg.severity(),
-                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
-                    )
-                }),
-            _ => false,
-        };
-        if session_ended
+        if ends_session(error)
             && matches!(
                 class,
                 ErrorClass::Query | ErrorClass::Transient | ErrorClass::Unknown
@@ -150,15 +139,7 @@ impl Backend for Postgres {
 
     fn breaks_connection(error: &sqlx::Error) -> bool {
         match error {
-            // A FATAL or PANIC error ends the session, whatever its code.
-            sqlx::Error::Database(db) => db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some_and(|pg| {
-                    matches!(
-                        pg.severity(),
-                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
-                    )
-                }),
+            sqlx::Error::Database(_) => ends_session(error),
             other => matches!(
                 other,
                 sqlx::Error::Io(_)
@@ -213,6 +194,21 @@ impl Backend for Postgres {
         .await?;
         Ok(lag.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
     }
+}
+
+/// Whether PostgreSQL raised `error` as FATAL or PANIC, which ends the session whatever its
+/// code.
+fn ends_session(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some_and(|pg| {
+            matches!(
+                pg.severity(),
+                sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+            )
+        })
 }
 
 impl Backend for Sqlite {
