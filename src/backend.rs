@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::{Database, Executor, Postgres, Sqlite};
 
 use crate::classify::{self, ErrorClass};
+use crate::endpoint::Role;
 use crate::route::Route;
 
 mod sealed {
@@ -20,6 +21,11 @@ pub trait Backend:
 {
     /// The database's name in traces (OpenTelemetry `db.system`): `postgresql`, `sqlite`.
     const SYSTEM: &'static str;
+
+    /// Whether its servers can change role (a standby promoted, a primary demoted), so the
+    /// health loop asks them.
+    #[doc(hidden)]
+    const CHANGES_ROLES: bool;
 
     /// The query parameters this database's connection URLs may carry. Checked before the
     /// driver reads a URL: it would log an unknown one with its value (a misspelt
@@ -73,12 +79,18 @@ pub trait Backend:
         route: Route,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// The server process behind `connection`, for stopping a statement we gave up on;
-    /// `None` where there is no server.
+    /// The server process behind `connection` (for stopping a statement we gave up on;
+    /// `None` where there is no server) and what the server is now.
     #[doc(hidden)]
-    fn server_pid(
+    fn describe(
         connection: &mut Self::Connection,
-    ) -> impl Future<Output = Result<Option<i32>, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<(Option<i32>, Role), sqlx::Error>> + Send;
+
+    /// What the server behind `connection` is now: a primary, or a standby.
+    #[doc(hidden)]
+    fn role(
+        connection: &mut Self::Connection,
+    ) -> impl Future<Output = Result<Role, sqlx::Error>> + Send;
 
     /// Asks the server to stop whatever the process `pid` is running, over a connection of
     /// its own (the one running the statement is busy).
@@ -91,6 +103,7 @@ pub trait Backend:
 
 impl Backend for Postgres {
     const SYSTEM: &'static str = "postgresql";
+    const CHANGES_ROLES: bool = true;
     const URL_PARAMETERS: &'static [&'static str] = &[
         "sslmode",
         "ssl-mode",
@@ -154,11 +167,21 @@ impl Backend for Postgres {
         sqlx::Connection::ping(connection).await
     }
 
-    async fn server_pid(connection: &mut Self::Connection) -> Result<Option<i32>, sqlx::Error> {
-        sqlx::query_scalar("SELECT pg_backend_pid()")
+    async fn describe(
+        connection: &mut Self::Connection,
+    ) -> Result<(Option<i32>, Role), sqlx::Error> {
+        let (pid, standby): (i32, bool) =
+            sqlx::query_as("SELECT pg_backend_pid(), pg_is_in_recovery()")
+                .fetch_one(connection)
+                .await?;
+        Ok((Some(pid), role_of(standby)))
+    }
+
+    async fn role(connection: &mut Self::Connection) -> Result<Role, sqlx::Error> {
+        let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
             .fetch_one(connection)
-            .await
-            .map(Some)
+            .await?;
+        Ok(role_of(standby))
     }
 
     async fn cancel(
@@ -196,6 +219,14 @@ impl Backend for Postgres {
     }
 }
 
+fn role_of(in_recovery: bool) -> Role {
+    if in_recovery {
+        Role::Replica
+    } else {
+        Role::Primary
+    }
+}
+
 /// Whether PostgreSQL raised `error` as FATAL or PANIC, which ends the session whatever its
 /// code.
 fn ends_session(error: &sqlx::Error) -> bool {
@@ -213,6 +244,7 @@ fn ends_session(error: &sqlx::Error) -> bool {
 
 impl Backend for Sqlite {
     const SYSTEM: &'static str = "sqlite";
+    const CHANGES_ROLES: bool = false;
     const URL_PARAMETERS: &'static [&'static str] = &["mode", "cache", "immutable", "vfs"];
     type Executor<'c> = &'c mut sqlx::SqliteConnection;
 
@@ -250,8 +282,15 @@ impl Backend for Sqlite {
         Ok(())
     }
 
-    async fn server_pid(_connection: &mut Self::Connection) -> Result<Option<i32>, sqlx::Error> {
-        Ok(None)
+    async fn describe(
+        _connection: &mut Self::Connection,
+    ) -> Result<(Option<i32>, Role), sqlx::Error> {
+        Ok((None, Role::Primary))
+    }
+
+    async fn role(_connection: &mut Self::Connection) -> Result<Role, sqlx::Error> {
+        // A file takes writes; a read-only one says so when written to.
+        Ok(Role::Primary)
     }
 
     async fn cancel(

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::breaker::Rejected;
 use crate::classify::ErrorClass;
+use crate::endpoint::Role;
 use crate::problem::ConfigError;
 use crate::route::Route;
 
@@ -92,6 +93,36 @@ pub enum Error {
         /// The configured limit.
         max: Duration,
     },
+    /// The call must go to the primary, and no endpoint is one now: each is a standby, or
+    /// could not be asked (a failover under way).
+    #[error("{route} call: no endpoint is the primary now ({})", Roles(endpoints))]
+    NoPrimary {
+        /// The route.
+        route: Route,
+        /// Each endpoint and its role as last reported (`None`: not known).
+        endpoints: Vec<(Arc<str>, Option<Role>)>,
+    },
+    /// Two or more endpoints say they are the primary (split brain): no write goes to any of
+    /// them until one steps down. Nothing was sent.
+    #[error(
+        "{route} call refused: endpoints {} all say they are the primary (split brain); \
+         nothing goes to any of them until one steps down",
+        primaries.join(", ")
+    )]
+    SplitBrain {
+        /// The route.
+        route: Route,
+        /// The endpoints that say they are the primary.
+        primaries: Vec<Arc<str>>,
+    },
+    /// The endpoint was passed over: it is a standby now, and the call needs the primary.
+    #[error("{route} call passed over endpoint {endpoint}: it is a standby now")]
+    NotPrimary {
+        /// The route.
+        route: Route,
+        /// The endpoint.
+        endpoint: Arc<str>,
+    },
     /// Every endpoint the call could use failed or refused; each attempt says why.
     #[error("{route} call failed on every endpoint: {}", Attempts(attempts))]
     AllEndpointsFailed {
@@ -130,6 +161,19 @@ pub struct Attempt {
     pub error: Error,
 }
 
+struct Roles<'a>(&'a [(Arc<str>, Option<Role>)]);
+
+impl std::fmt::Display for Roles<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, (endpoint, role)) in self.0.iter().enumerate() {
+            let separator = if index == 0 { "" } else { ", " };
+            let role = role.map_or("unknown", Role::as_str);
+            write!(f, "{separator}{endpoint}: {role}")?;
+        }
+        Ok(())
+    }
+}
+
 struct Attempts<'a>(&'a [Attempt]);
 
 impl std::fmt::Display for Attempts<'_> {
@@ -148,6 +192,9 @@ impl Error {
         match self {
             Self::CircuitOpen { route, .. }
             | Self::Saturated { route, .. }
+            | Self::NoPrimary { route, .. }
+            | Self::SplitBrain { route, .. }
+            | Self::NotPrimary { route, .. }
             | Self::Database { route, .. }
             | Self::Timeout { route, .. }
             | Self::AllEndpointsFailed { route, .. }
@@ -161,6 +208,7 @@ impl Error {
         match self {
             Self::CircuitOpen { endpoint, .. }
             | Self::Saturated { endpoint, .. }
+            | Self::NotPrimary { endpoint, .. }
             | Self::Database { endpoint, .. }
             | Self::Timeout { endpoint, .. }
             | Self::ReplicaLagging { endpoint, .. } => Some(endpoint),
@@ -209,6 +257,9 @@ impl Error {
         match self {
             Self::CircuitOpen { .. }
             | Self::Saturated { .. }
+            | Self::NoPrimary { .. }
+            | Self::SplitBrain { .. }
+            | Self::NotPrimary { .. }
             | Self::ReplicaLagging { .. }
             | Self::Timeout { .. } => true,
             Self::Database { route, class, .. } => class.counts_as_failure(*route),

@@ -2,7 +2,7 @@
 //! checks and dashboards.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -19,7 +19,8 @@ pub enum HealthStatus {
     /// Some breaker is not closed or some replica lags, but reads can still be served (writes
     /// may not be).
     Degraded,
-    /// No endpoint can serve reads: every read breaker refuses or the replicas lag.
+    /// No endpoint can serve reads (every read breaker refuses or the replicas lag), or two
+    /// endpoints say they are the primary (split brain: no write goes anywhere).
     Unhealthy,
 }
 
@@ -35,8 +36,11 @@ pub struct HealthReport {
     pub uptime: Duration,
     /// The kind of cache cached reads fall back on (`memory`, `redis`, ...).
     pub cache: &'static str,
-    /// Each endpoint, the primary first.
+    /// Each endpoint, the declared primary first.
     pub endpoints: Vec<EndpointHealth>,
+    /// The endpoints that all say they are the primary, when more than one does (split
+    /// brain: writes go to none of them); empty otherwise.
+    pub split_brain: Vec<Arc<str>>,
 }
 
 /// One endpoint in the health report.
@@ -45,8 +49,11 @@ pub struct HealthReport {
 pub struct EndpointHealth {
     /// The endpoint's name.
     pub name: Arc<str>,
-    /// Primary or replica.
+    /// The role the endpoint is taken for: the one its server reported, else the declared
+    /// one.
     pub role: Role,
+    /// Declared and discovered roles, and when the discovered one last changed.
+    pub roles: EndpointRole,
     /// Connections of its pool.
     pub pool: PoolStatus,
     /// Replication lag as last measured (replicas only).
@@ -56,6 +63,20 @@ pub struct EndpointHealth {
     pub lagging: bool,
     /// Each route's breaker on this endpoint.
     pub breakers: Vec<RouteHealth>,
+}
+
+/// An endpoint's roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct EndpointRole {
+    /// As declared when the pool was built (`primary(..)`, `replica(..)`): a hint.
+    pub declared: Role,
+    /// As its server last reported (`pg_is_in_recovery()`); `None` before the first
+    /// connection, or while it cannot be reached.
+    pub discovered: Option<Role>,
+    /// When the discovered role last changed.
+    #[serde(with = "humantime_serde")]
+    pub changed_at: Option<SystemTime>,
 }
 
 /// One route's breaker on one endpoint.
@@ -74,12 +95,19 @@ impl HealthReport {
         uptime: Duration,
         cache: &'static str,
         endpoints: Vec<EndpointHealth>,
+        split_brain: Vec<Arc<str>>,
     ) -> Self {
+        let status = if split_brain.is_empty() {
+            verdict(&endpoints)
+        } else {
+            HealthStatus::Unhealthy
+        };
         Self {
-            status: verdict(&endpoints),
+            status,
             uptime,
             cache,
             endpoints,
+            split_brain,
         }
     }
 }
@@ -87,7 +115,7 @@ impl HealthReport {
 impl EndpointHealth {
     pub(crate) fn new(
         name: Arc<str>,
-        role: Role,
+        roles: EndpointRole,
         pool: PoolStatus,
         replica_lag: Option<Duration>,
         lagging: bool,
@@ -95,7 +123,8 @@ impl EndpointHealth {
     ) -> Self {
         Self {
             name,
-            role,
+            role: roles.discovered.unwrap_or(roles.declared),
+            roles,
             pool,
             replica_lag,
             lagging,

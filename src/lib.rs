@@ -20,13 +20,13 @@ pub mod telemetry;
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use config::PoolConfig;
-pub use endpoint::{EndpointOptions, PoolStatus, Role};
+pub use endpoint::{EndpointOptions, PoolStatus, Role, RoleChange};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
-pub use health::{EndpointHealth, HealthReport, HealthStatus, RouteHealth};
+pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
 pub use pool::{
-    Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, PoolBuilder, PoolStateChange,
-    ProtectedPool, RoutableQuery, Routed,
+    Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, PoolBuilder,
+    PoolStateChange, ProtectedPool, RoutableQuery, Routed,
 };
 pub use route::{Route, RouteConfig, UnknownRoute};
 pub use router::{ReadPreference, ReplicaSelection};

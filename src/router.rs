@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, Role};
+use crate::error::Error;
 use crate::route::Route;
 
 /// Where reads go.
@@ -48,32 +49,72 @@ impl Router {
         }
     }
 
-    /// Endpoints for a call on `route`, best first. `endpoints[0]` is the primary. Writes and
-    /// auth calls only ever go to the primary.
+    /// Endpoints for a call on `route`, best first, by the roles their servers last
+    /// reported (the declared ones until then).
+    ///
+    /// Writes and auth calls go to the primary only: the one endpoint that says it is; else,
+    /// while no endpoint says so, those that could not be asked (the declared primary
+    /// first). Two that say they are the primary get nothing (split brain).
     pub(crate) fn candidates<'e, DB: Backend>(
         &self,
         route: Route,
         endpoints: &'e [Endpoint<DB>],
-    ) -> Vec<&'e Endpoint<DB>> {
-        let (primary, replicas) = endpoints.split_first().expect("a pool has a primary");
-        if route != Route::Read || replicas.is_empty() {
-            return vec![primary];
+    ) -> Result<Vec<&'e Endpoint<DB>>, Error> {
+        if route != Route::Read {
+            return primary_of(route, endpoints);
         }
-        let mut order: Vec<&Endpoint<DB>> = Vec::with_capacity(endpoints.len());
-        if self.preference == ReadPreference::Primary {
-            order.push(primary);
+        let (mut primaries, mut replicas): (Vec<_>, Vec<_>) = endpoints
+            .iter()
+            .partition(|endpoint| endpoint.likely_role() == Role::Primary);
+        // The declared primary first among equals.
+        primaries.sort_by_key(|endpoint| endpoint.hint != Role::Primary);
+        if !replicas.is_empty() {
+            // Rotate the starting replica so that ties (and round-robin) spread the load.
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed) % replicas.len();
+            replicas.rotate_left(turn);
+            if self.selection == ReplicaSelection::LeastOutstanding {
+                // Stable: among equals the rotation above decides.
+                replicas.sort_by_key(|endpoint| endpoint.outstanding());
+            }
         }
-        // Rotate the starting replica so that ties (and round-robin) spread the load.
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed) % replicas.len();
-        let start = order.len();
-        order.extend(replicas[turn..].iter().chain(&replicas[..turn]));
-        if self.selection == ReplicaSelection::LeastOutstanding {
-            // Stable: among equals the rotation above decides.
-            order[start..].sort_by_key(|endpoint| endpoint.outstanding());
-        }
-        if self.preference == ReadPreference::PreferReplica {
-            order.push(primary);
-        }
-        order
+        Ok(match self.preference {
+            ReadPreference::Primary => primaries.into_iter().chain(replicas).collect(),
+            ReadPreference::PreferReplica => replicas.into_iter().chain(primaries).collect(),
+        })
     }
+}
+
+fn primary_of<DB: Backend>(
+    route: Route,
+    endpoints: &[Endpoint<DB>],
+) -> Result<Vec<&Endpoint<DB>>, Error> {
+    let primaries: Vec<&Endpoint<DB>> = endpoints
+        .iter()
+        .filter(|endpoint| endpoint.role() == Some(Role::Primary))
+        .collect();
+    match primaries.len() {
+        1 => return Ok(primaries),
+        0 => {}
+        _ => {
+            return Err(Error::SplitBrain {
+                route,
+                primaries: primaries.iter().map(|e| e.name.clone()).collect(),
+            });
+        }
+    }
+    let mut unknown: Vec<&Endpoint<DB>> = endpoints
+        .iter()
+        .filter(|endpoint| endpoint.role().is_none())
+        .collect();
+    unknown.sort_by_key(|endpoint| endpoint.hint != Role::Primary);
+    if unknown.is_empty() {
+        return Err(Error::NoPrimary {
+            route,
+            endpoints: endpoints
+                .iter()
+                .map(|endpoint| (endpoint.name.clone(), endpoint.role()))
+                .collect(),
+        });
+    }
+    Ok(unknown)
 }

@@ -15,6 +15,8 @@
 //! | `protected_pool_replica_lag_seconds` | gauge | `endpoint` | replication lag as last measured |
 //! | `protected_pool_cache_lookups_total` | counter | `route`, `result` | cache fallback lookups: `hit`, `miss`, `error` |
 //! | `protected_pool_cache_errors_total` | counter | `cache`, `operation` | failed cache operations (`get`, `put`, `encode`, `decode`) |
+//! | `protected_pool_endpoint_role` | gauge | `endpoint` | the role its server last reported: 0 unknown, 1 primary, 2 replica |
+//! | `protected_pool_role_changes_total` | counter | `endpoint`, `from`, `to` | role changes (`primary`, `replica`, `unknown`) |
 
 use metrics::{Counter, Histogram, Label};
 
@@ -39,6 +41,11 @@ pub const REPLICA_LAG: &str = "protected_pool_replica_lag_seconds";
 pub const CACHE_LOOKUPS: &str = "protected_pool_cache_lookups_total";
 /// Failed cache operations by `cache` and `operation`.
 pub const CACHE_ERRORS: &str = "protected_pool_cache_errors_total";
+
+/// An endpoint's role as its server last said: 0 unknown, 1 primary, 2 replica.
+pub const ROLE: &str = "protected_pool_endpoint_role";
+/// Role changes, by `endpoint`, `from` and `to`.
+pub const ROLE_CHANGES: &str = "protected_pool_role_changes_total";
 
 /// The `endpoint` label of calls no endpoint served.
 pub const NO_ENDPOINT: &str = "none";
@@ -167,4 +174,21 @@ pub(crate) fn replica_lag(endpoint: &str, lag: Option<std::time::Duration>) {
     if let Some(lag) = lag {
         metrics::gauge!(REPLICA_LAG, "endpoint" => endpoint.to_owned()).set(lag.as_secs_f64());
     }
+}
+
+/// An endpoint's role changed (`primary`, `replica`, `unknown`).
+pub(crate) fn role_change(endpoint: &str, from: &'static str, to: &'static str) {
+    metrics::counter!(
+        ROLE_CHANGES,
+        "endpoint" => endpoint.to_owned(),
+        "from" => from,
+        "to" => to,
+    )
+    .increment(1);
+    let value = match to {
+        "primary" => 1.0,
+        "replica" => 2.0,
+        _ => 0.0,
+    };
+    metrics::gauge!(ROLE, "endpoint" => endpoint.to_owned()).set(value);
 }

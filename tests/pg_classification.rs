@@ -462,7 +462,12 @@ async fn idle_in_transaction_timeout_is_a_counted_connection_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_session_timeout_is_a_counted_connection_failure() {
     let pg = PgServer::start().await.expect("server starts");
-    let pool = pool_for(&pg.url());
+    // No health loop: it would close the connection the server ended before a call meets it.
+    let pool = ProtectedPool::<Postgres>::builder()
+        .primary(pg.url())
+        .recovery_probes(false)
+        .build()
+        .expect("valid configuration");
     let end_sessions_after_100ms = async |pool: &ProtectedPool| {
         pool.with_connection(Route::Write, async |conn| {
             sqlx::query("SET idle_session_timeout = '100ms'")

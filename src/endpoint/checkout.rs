@@ -49,6 +49,11 @@ impl<DB: Backend> Checkout<DB> {
         result
     }
 
+    /// Closes the connection when the checkout ends instead of returning it to the pool.
+    pub(crate) fn evict(&mut self) {
+        self.pooled().broken = true;
+    }
+
     /// Whether the last operation left the connection unusable.
     pub(crate) fn is_broken(&self) -> bool {
         self.connection

@@ -1,14 +1,15 @@
 //! The deadpool manager: opens sqlx connections and decides which may be handed out again.
 
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use sqlx::{ConnectOptions, Connection};
 
 use super::EndpointOptions;
+use super::role::RoleState;
 use crate::backend::Backend;
 
 /// A pooled connection and what the pool needs to know about it. The flags are set only by
@@ -30,6 +31,12 @@ pub(crate) struct PooledConnection<DB: Backend> {
 
 pub(crate) struct ConnectionManager<DB: Backend> {
     options: <DB::Connection as Connection>::Options,
+    /// What every new connection says its server is.
+    roles: Arc<RoleState>,
+    /// When the health loop may next ask the server its role on a connection of its own, and
+    /// how many times in a row it answered with an error.
+    ask_again_at: Mutex<Option<Instant>>,
+    ask_refusals: AtomicU32,
     /// How many times a connection of this endpoint was lost. When a connection dies, its
     /// siblings opened to the same server process very likely died with it (a crash, a
     /// restart, a failover): every connection older than the loss is pinged before it is
@@ -43,11 +50,15 @@ pub(crate) struct ConnectionManager<DB: Backend> {
 
 impl<DB: Backend> ConnectionManager<DB> {
     pub(crate) fn new(
+        name: Arc<str>,
         options: <DB::Connection as Connection>::Options,
         settings: &EndpointOptions,
     ) -> Self {
         Self {
             options,
+            roles: Arc::new(RoleState::new(name)),
+            ask_again_at: Mutex::new(None),
+            ask_refusals: AtomicU32::new(0),
             losses: Arc::new(AtomicU64::new(0)),
             connect_timeout: settings.connect_timeout,
             max_lifetime: settings.max_lifetime,
@@ -56,9 +67,15 @@ impl<DB: Backend> ConnectionManager<DB> {
         }
     }
 
-    /// Counts a lost connection.
+    pub(crate) fn roles(&self) -> &Arc<RoleState> {
+        &self.roles
+    }
+
+    /// Counts a lost connection. What the server is (primary or standby) is not known until
+    /// a new connection says: a lost server may come back as something else.
     pub(crate) fn connection_lost(&self) {
         self.losses.fetch_add(1, Ordering::Relaxed);
+        self.roles.observe(None);
     }
 
     /// Whether `connection` was known good after the last loss on this endpoint.
@@ -82,6 +99,57 @@ impl<DB: Backend> ConnectionManager<DB> {
                 Err(_) => tracing::debug!(pid, "no answer to a statement cancel"),
             }
         });
+    }
+
+    /// Asks the server what it is over a connection of its own, closed at once; a server
+    /// that cannot be reached is of no known role. A hang changes nothing: it is the
+    /// breakers' business.
+    pub(crate) async fn ask_role(&self, limit: Duration) {
+        // A server that answers with an error (it rejects our credentials, its database is
+        // being restored) is asked again on a doubling schedule, not every round.
+        let now = Instant::now();
+        if self
+            .ask_again_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| now < at)
+        {
+            return;
+        }
+        let asked = async {
+            let mut connection = Box::pin(self.options.connect()).await?;
+            let role = DB::role(&mut connection).await;
+            let _ = connection.close().await;
+            role
+        };
+        let answer = tokio::time::timeout(limit, asked).await;
+        let refusals = match answer {
+            Ok(Ok(role)) => {
+                self.roles.observe(Some(role));
+                0
+            }
+            // It answered, but would not say.
+            Ok(Err(sqlx::Error::Database(_))) => {
+                self.ask_refusals.fetch_add(1, Ordering::Relaxed) + 1
+            }
+            Ok(Err(_)) => {
+                self.roles.observe(None);
+                0
+            }
+            Err(_) => 0,
+        };
+        if refusals == 0 {
+            self.ask_refusals.store(0, Ordering::Relaxed);
+        }
+        let wait = (refusals > 0).then(|| {
+            Duration::from_secs(1)
+                .saturating_mul(1 << refusals.min(6))
+                .min(Duration::from_secs(60))
+        });
+        *self
+            .ask_again_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = wait.map(|wait| now + wait);
     }
 
     /// Whether the server answers a new connection within `limit`: any answer, an error
@@ -119,7 +187,11 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         // is moved several times per call: this cold path made the hot one copy 40 kB.
         let connect = Box::pin(self.options.connect());
         let raw = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(connection) => connection?,
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                self.roles.observe(None);
+                return Err(error);
+            }
             Err(_) => {
                 return Err(sqlx::Error::Io(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -128,9 +200,11 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             }
         };
         let mut raw = raw;
-        let server_pid =
-            match tokio::time::timeout(self.connect_timeout, DB::server_pid(&mut raw)).await {
-                Ok(pid) => pid?,
+        // One round trip says which server process this is (to stop a statement given up on)
+        // and what the server is now: a primary, or a standby.
+        let (server_pid, role) =
+            match tokio::time::timeout(self.connect_timeout, DB::describe(&mut raw)).await {
+                Ok(described) => described?,
                 Err(_) => {
                     return Err(sqlx::Error::Io(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -138,6 +212,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
                     )));
                 }
             };
+        self.roles.observe(Some(role));
         Ok(PooledConnection {
             raw,
             busy: false,

@@ -3,6 +3,7 @@
 mod checkout;
 mod manager;
 mod options;
+mod role;
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,27 +12,19 @@ use std::time::Duration;
 
 use deadpool::Runtime;
 use deadpool::managed::{Object, Pool, PoolError, Timeouts};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use options::EndpointOptions;
 pub(crate) use options::duration_problem;
 
 use crate::backend::Backend;
-use crate::breaker::CircuitBreaker;
+use crate::breaker::{CircuitBreaker, State};
 use crate::route::Route;
 use crate::telemetry::RouteMetrics;
 pub(crate) use checkout::Checkout;
 pub(crate) use manager::{ConnectionManager, PooledConnection};
-
-/// What an endpoint is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Takes writes and, by default, reads.
-    Primary,
-    /// A read-only copy.
-    Replica,
-}
+pub(crate) use role::RoleState;
+pub use role::{Role, RoleChange};
 
 /// Connection counts of one endpoint's pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,7 +46,10 @@ pub(crate) struct Endpoint<DB: Backend> {
     pub(crate) name: Arc<str>,
     /// Its place in the pool's endpoints (the primary is 0).
     pub(crate) index: usize,
-    pub(crate) role: Role,
+    /// The role it was declared with: what it is taken for until its server says otherwise.
+    pub(crate) hint: Role,
+    /// The role its server last reported.
+    roles: Arc<RoleState>,
     pool: Pool<ConnectionManager<DB>>,
     breakers: [CircuitBreaker; 3],
     metrics: [RouteMetrics; 3],
@@ -80,7 +76,8 @@ impl<DB: Backend> fmt::Debug for Endpoint<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
             .field("name", &self.name)
-            .field("role", &self.role)
+            .field("hint", &self.hint)
+            .field("role", &self.role())
             .field("pool", &self.status())
             .field("lag", &self.lag())
             .finish()
@@ -91,12 +88,13 @@ impl<DB: Backend> Endpoint<DB> {
     pub(crate) fn new(
         name: Arc<str>,
         index: usize,
-        role: Role,
+        hint: Role,
         manager: ConnectionManager<DB>,
         options: &EndpointOptions,
         breakers: [CircuitBreaker; 3],
         wakeup: Arc<tokio::sync::Notify>,
     ) -> Self {
+        let roles = manager.roles().clone();
         let pool = Pool::builder(manager)
             .max_size(options.max_connections)
             .timeouts(Timeouts {
@@ -112,7 +110,8 @@ impl<DB: Backend> Endpoint<DB> {
         Self {
             name,
             index,
-            role,
+            hint,
+            roles,
             pool,
             breakers,
             metrics,
@@ -120,6 +119,25 @@ impl<DB: Backend> Endpoint<DB> {
             lag_ms: AtomicU64::new(u64::MAX),
             wakeup,
         }
+    }
+
+    /// The role its server last reported; `None` before the first connection, or since it
+    /// could not be reached.
+    pub(crate) fn role(&self) -> Option<Role> {
+        self.roles.get()
+    }
+
+    /// The role it is taken for: the one its server last reported, else the declared one.
+    pub(crate) fn likely_role(&self) -> Role {
+        self.role().unwrap_or(self.hint)
+    }
+
+    pub(crate) fn roles(&self) -> &RoleState {
+        &self.roles
+    }
+
+    pub(crate) fn roles_arc(&self) -> Arc<RoleState> {
+        self.roles.clone()
     }
 
     pub(crate) fn outstanding(&self) -> usize {
@@ -173,7 +191,8 @@ impl<DB: Backend> Endpoint<DB> {
         self.pool.timeout_get(&timeouts).await.map(Checkout::new)
     }
 
-    /// A new connection could not be made: the idle ones are suspect too.
+    /// A new connection could not be made: the idle ones are suspect too, and what the
+    /// server is (primary or standby) is not known until the next connection says.
     pub(crate) fn connection_lost(&self) {
         self.pool.manager().connection_lost();
     }
@@ -184,36 +203,48 @@ impl<DB: Backend> Endpoint<DB> {
         self.pool.manager().answers(limit).await
     }
 
-    /// Pings one idle connection, if there is one. If it is dead, the server went away since
-    /// it was last used (a crash, a restart): every idle connection not checked since is
-    /// closed now, so no caller meets one. Returns how many were closed.
-    pub(crate) async fn check_idle(&self, limit: Duration) -> usize {
-        if self.pool.status().available == 0 {
-            return 0;
+    /// The health loop's look at the endpoint: asks its server what it is (primary or
+    /// standby). An idle pooled connection is used when there is one; if it is dead, the
+    /// server went away since it was last used (a crash, a restart): every idle connection
+    /// not checked since is closed now, so no caller meets one. With no idle connection the
+    /// question goes over a connection of its own, outside the pool, so the pool's counts are
+    /// the callers' alone. Returns how many dead connections were closed.
+    pub(crate) async fn check_health(&self, limit: Duration) -> usize {
+        let mut closed = 0;
+        while self.pool.status().available > 0 {
+            let checkout = tokio::time::timeout(limit, self.checkout(Duration::ZERO)).await;
+            let Ok(Ok(mut checkout)) = checkout else {
+                break;
+            };
+            let asked = tokio::time::timeout(limit, checkout.run(async |raw| DB::role(raw).await));
+            let dead = match asked.await {
+                Ok(Ok(role)) => {
+                    self.roles.observe(Some(role));
+                    return closed;
+                }
+                Ok(Err(_)) => checkout.is_broken() && !checkout.is_fresh(),
+                Err(_) => return closed, // a hang is the breakers' business
+            };
+            drop(checkout);
+            if !dead {
+                return closed;
+            }
+            let manager = self.pool.manager();
+            closed += self
+                .pool
+                .retain(|connection, _| manager.checked_since_last_loss(connection))
+                .removed
+                .len();
         }
-        let Ok(Ok(mut checkout)) = tokio::time::timeout(limit, self.checkout(Duration::ZERO)).await
-        else {
-            return 0;
-        };
-        let pinged = tokio::time::timeout(
-            limit,
-            checkout.run(async |raw| sqlx::Connection::ping(raw).await),
-        )
-        .await;
-        let dead = match pinged {
-            Ok(Ok(())) => false,
-            Ok(Err(_)) => checkout.is_broken(),
-            Err(_) => false, // a hang is the breakers' business, not a sign of a restart
-        };
-        drop(checkout);
-        if !dead {
-            return 0;
+        // While a breaker is not closed, its recovery probe connects through the pool, and
+        // every new connection says what the server is: no need to ask on the side.
+        let probing = self
+            .breakers()
+            .any(|(_, breaker)| !matches!(breaker.state(), State::Closed | State::Disabled));
+        if DB::CHANGES_ROLES && !probing {
+            self.pool.manager().ask_role(limit).await;
         }
-        let manager = self.pool.manager();
-        self.pool
-            .retain(|connection, _| manager.checked_since_last_loss(connection))
-            .removed
-            .len()
+        closed
     }
 
     pub(crate) fn status(&self) -> PoolStatus {

@@ -41,6 +41,8 @@ pub(super) struct Failed {
     /// the connection): another endpoint may serve a read. An error the server answered with
     /// is the call's answer and is never replayed.
     pub(super) endpoint_level: bool,
+    /// A standby refused the statement (`25006` on the write route): it was not executed.
+    pub(super) refused_read_only: bool,
 }
 
 /// The time an attempt has.
@@ -124,12 +126,15 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         let (endpoint, route) = (self.endpoint, self.route);
         let now = Instant::now();
         self.check_lag()?;
+        self.check_role()?;
         let permit = self.permit(now)?;
         let _outstanding = endpoint.start_call();
         let mut checkout = match self.checkout(budget.share_end, now).await {
             Ok(checkout) => checkout,
             Err(refused) => return Err(refused.record(permit, now)),
         };
+        // A new connection may just have found the server to be a standby.
+        self.check_role()?;
         let mut retried = false;
         let result = loop {
             let result = self.operate(&mut checkout, operation, budget).await;
@@ -163,6 +168,11 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
             Ok(Err(source)) => {
                 let judged = judge(self.pool, &source, route);
                 let broken = checkout.is_broken();
+                let refused_read_only = route != Route::Read && is_read_only(&source);
+                if refused_read_only {
+                    // A standby answers every statement of this session the same way.
+                    checkout.evict();
+                }
                 permit.record(judged.outcome, elapsed);
                 metrics.failure(judged.class.as_str(), Some(elapsed));
                 Failed {
@@ -171,6 +181,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                     error: endpoint_error(endpoint, route, judged.class, broken, source),
                     started: true,
                     endpoint_level: broken,
+                    refused_read_only,
                 }
             }
             Err(Stalled { hung }) => {
@@ -187,6 +198,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                     },
                     started: true,
                     endpoint_level: hung,
+                    refused_read_only: false,
                 }
             }
         };
@@ -195,9 +207,11 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
 
     fn check_lag(&self) -> Result<(), Failed> {
         let endpoint = self.endpoint;
-        if let (Role::Replica, Some(max), Some(lag)) =
-            (endpoint.role, self.pool.max_replica_lag, endpoint.lag())
-        {
+        if let (Role::Replica, Some(max), Some(lag)) = (
+            endpoint.likely_role(),
+            self.pool.max_replica_lag,
+            endpoint.lag(),
+        ) {
             if lag > max {
                 let error = Error::ReplicaLagging {
                     endpoint: endpoint.name.clone(),
@@ -206,6 +220,19 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 };
                 return Err(not_started(error, true));
             }
+        }
+        Ok(())
+    }
+
+    /// A call for the primary passes over an endpoint that says it is a standby.
+    fn check_role(&self) -> Result<(), Failed> {
+        let (endpoint, route) = (self.endpoint, self.route);
+        if route != Route::Read && endpoint.role() == Some(Role::Replica) {
+            let error = Error::NotPrimary {
+                route,
+                endpoint: endpoint.name.clone(),
+            };
+            return Err(not_started(error, true));
         }
         Ok(())
     }
@@ -335,6 +362,12 @@ struct Stalled {
     hung: bool,
 }
 
+/// Whether the server refused a statement because it is read-only (`25006`: a standby, or a
+/// primary demoted under us). Decided from the code itself, whatever a classifier says.
+fn is_read_only(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
+}
+
 /// No connection: the failure, and what the breaker hears of it (nothing when the server was
 /// not asked).
 struct Refused {
@@ -363,5 +396,6 @@ fn not_started(error: Error, endpoint_level: bool) -> Failed {
         error,
         started: false,
         endpoint_level,
+        refused_read_only: false,
     }
 }

@@ -1,5 +1,7 @@
 //! The endpoints of one call, tried in turn: the one loop every call goes through.
 
+use std::collections::VecDeque;
+
 use super::PoolInner;
 use super::attempt::{Attempt, Budget, Done, Failed};
 use super::operation::Operation;
@@ -16,6 +18,9 @@ pub(crate) enum Replay {
     /// connection had died while idle. Each endpoint gets an equal share of the time left to
     /// get a connection.
     Read,
+    /// A single statement for the primary: it runs at most once, except that a statement a
+    /// standby refused (`25006`: it was not executed) moves to the primary of the moment.
+    AfterRefusal,
     /// Runs at most once: endpoints are passed over only until one has a connection for it.
     Never,
 }
@@ -36,18 +41,19 @@ impl<DB: Backend> PoolInner<DB> {
         O: Operation<DB::Connection>,
     {
         let deadline = tokio::time::Instant::now() + self.routes[route.index()].timeout;
-        let candidates = self.router.candidates(route, &self.endpoints);
-        let mut tried = Vec::new();
-        let mut candidates = candidates.into_iter();
-        while let Some(endpoint) = candidates.next() {
+        let mut queue: VecDeque<&Endpoint<DB>> =
+            self.router.candidates(route, &self.endpoints)?.into();
+        let mut tried: Vec<Tried> = Vec::new();
+        let mut rediscovered = false;
+        while let Some(endpoint) = queue.pop_front() {
             let now = tokio::time::Instant::now();
             if now >= deadline && !tried.is_empty() {
                 break;
             }
             let left = deadline.saturating_duration_since(now);
-            let others_left = replay == Replay::Read && candidates.len() > 0;
+            let others_left = replay == Replay::Read && !queue.is_empty();
             let share = if replay == Replay::Read {
-                left / u32::try_from(candidates.len() + 1).unwrap_or(u32::MAX)
+                left / u32::try_from(queue.len() + 1).unwrap_or(u32::MAX)
             } else {
                 left
             };
@@ -62,22 +68,52 @@ impl<DB: Backend> PoolInner<DB> {
                 route,
             };
             let retry_dead = replay == Replay::Read;
-            match attempt.run(&mut operation, budget, retry_dead).await {
+            let failed = match attempt.run(&mut operation, budget, retry_dead).await {
                 Ok(done) => return Ok(done),
-                Err(failed) => {
-                    let go_on =
-                        failed.endpoint_level && (replay == Replay::Read || !failed.started);
-                    if !go_on {
-                        return Err(call_error(route, tried, endpoint, failed));
-                    }
-                    tried.push(Tried {
-                        endpoint: endpoint.name.clone(),
-                        error: failed.error,
-                    });
+                Err(failed) => failed,
+            };
+            let refused_as_standby = failed.refused_read_only;
+            let go_on = match replay {
+                Replay::Read => failed.endpoint_level,
+                Replay::AfterRefusal => {
+                    refused_as_standby || (failed.endpoint_level && !failed.started)
                 }
+                Replay::Never => failed.endpoint_level && !failed.started,
+            };
+            if refused_as_standby && !rediscovered {
+                // The primary this call was sent to is a standby now: ask every endpoint what
+                // it is, so this call (if it may move) and the next ones go to the primary
+                // of the moment.
+                rediscovered = true;
+                self.rediscover(deadline).await;
+            }
+            if !go_on {
+                return Err(call_error(route, tried, endpoint, failed));
+            }
+            tried.push(Tried {
+                endpoint: endpoint.name.clone(),
+                error: failed.error,
+            });
+            if refused_as_standby {
+                let candidates = self.router.candidates(route, &self.endpoints)?;
+                queue = candidates
+                    .into_iter()
+                    .filter(|candidate| !tried.iter().any(|t| t.endpoint == candidate.name))
+                    .collect();
             }
         }
         Err(exhausted(route, tried))
+    }
+
+    /// Asks every endpoint what it is now, within `deadline`.
+    async fn rediscover(&self, deadline: tokio::time::Instant) {
+        for endpoint in &self.endpoints {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            endpoint.check_health(left.min(self.connect_timeout)).await;
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod operation;
 mod probe;
 mod routed;
 mod statement;
+mod topology;
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub use builder::PoolBuilder;
 pub use events::PoolStateChange;
 pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed};
 pub use statement::RoutableQuery;
+pub use topology::ClusterEvent;
 
 use crate::backend::Backend;
 use crate::breaker::{BreakerConfig, CircuitBreaker};
@@ -30,7 +32,7 @@ use crate::endpoint::{Endpoint, PoolStatus, Role};
 use crate::error::{Error, Result};
 use crate::fallback::RouteFallbacks;
 use crate::fallback::Served;
-use crate::health::{EndpointHealth, HealthReport, RouteHealth};
+use crate::health::{EndpointHealth, EndpointRole, HealthReport, RouteHealth};
 use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::{Route, RouteConfig};
 use crate::router::Router;
@@ -68,8 +70,10 @@ pub struct ProtectedPool<DB: Backend = Postgres> {
 pub(crate) struct PoolInner<DB: Backend> {
     /// This pool, for the probe tasks, which must not keep it alive.
     me: std::sync::Weak<PoolInner<DB>>,
-    /// The primary first, then the replicas.
+    /// The declared primary first, then the replicas.
     endpoints: Vec<Endpoint<DB>>,
+    /// Which of them is the primary now, and who hears when that changes.
+    topology: Arc<topology::Topology>,
     router: Router,
     routes: [RouteConfig; 3],
     max_replica_lag: Option<Duration>,
@@ -276,13 +280,26 @@ impl<DB: Backend> ProtectedPool<DB> {
         Ok(())
     }
 
-    /// Names and roles of the endpoints, the primary first.
+    /// Names and roles of the endpoints, the declared primary first: each role as its
+    /// server last reported it, or as declared while it is not known.
     pub fn endpoints(&self) -> Vec<(Arc<str>, Role)> {
         self.inner
             .endpoints
             .iter()
-            .map(|endpoint| (endpoint.name.clone(), endpoint.role))
+            .map(|endpoint| (endpoint.name.clone(), endpoint.likely_role()))
             .collect()
+    }
+
+    /// The named endpoint's role as its server last reported it; `None` before its first
+    /// connection or while it cannot be reached.
+    pub fn role(&self, endpoint: &str) -> Result<Option<Role>> {
+        Ok(self.endpoint(endpoint)?.role())
+    }
+
+    /// Calls `listener` on every change in what the pool knows of its cluster (see
+    /// [`PoolBuilder::on_cluster_event`]).
+    pub fn on_cluster_event(&self, listener: impl Fn(&ClusterEvent) + Send + Sync + 'static) {
+        self.inner.topology.add_listener(Arc::new(listener));
     }
 
     /// The named replica's replication lag as last measured by the health probe (`None`
@@ -310,7 +327,7 @@ impl<DB: Backend> ProtectedPool<DB> {
     pub fn health(&self) -> HealthReport {
         let endpoints = self.inner.endpoints.iter().map(|endpoint| {
             let replica_lag = endpoint.lag();
-            let lagging = endpoint.role == Role::Replica
+            let lagging = endpoint.likely_role() == Role::Replica
                 && matches!(
                     (replica_lag, self.inner.max_replica_lag),
                     (Some(lag), Some(max)) if lag > max
@@ -322,7 +339,11 @@ impl<DB: Backend> ProtectedPool<DB> {
                 .collect();
             EndpointHealth::new(
                 endpoint.name.clone(),
-                endpoint.role,
+                EndpointRole {
+                    declared: endpoint.hint,
+                    discovered: endpoint.role(),
+                    changed_at: endpoint.roles().changed_at(),
+                },
                 endpoint.status(),
                 replica_lag,
                 lagging,
@@ -334,6 +355,7 @@ impl<DB: Backend> ProtectedPool<DB> {
             inner.started.elapsed(),
             inner.cache.kind(),
             endpoints.collect(),
+            inner.topology.split_brain(),
         )
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 use super::PoolInner;
 use super::attempt::{endpoint_error, judge};
 use crate::backend::Backend;
-use crate::breaker::Outcome;
+use crate::breaker::{Outcome, State};
 use crate::endpoint::{Endpoint, Role};
 use crate::error::Error;
 use crate::route::Route;
@@ -181,6 +181,19 @@ impl<DB: Backend> PoolInner<DB> {
         runtime.spawn(probe_loop(guard, wakeup, probes.stop.subscribe()));
     }
 
+    /// Endpoint `index`, a standby until now, says it is the primary. Its write and auth
+    /// breakers may be open because it was a standby: that no longer holds, and writes must
+    /// not wait out an open duration to reach the new primary.
+    pub(crate) fn promoted(&self, index: usize) {
+        let endpoint = &self.endpoints[index];
+        for route in [Route::Write, Route::Auth] {
+            let breaker = endpoint.breaker(route);
+            if matches!(breaker.state(), State::Open | State::HalfOpen) {
+                breaker.reset();
+            }
+        }
+    }
+
     /// The longest one round may take: a trial per route, a lag check and an idle check.
     fn round_budget(&self) -> Duration {
         let trials: Duration = self.routes.iter().map(|route| route.timeout).sum();
@@ -198,7 +211,7 @@ impl<DB: Backend> PoolInner<DB> {
         let now = Instant::now();
         if now >= state.next_health_check {
             state.next_health_check = now + self.health_check_interval;
-            let closed = endpoint.check_idle(self.connect_timeout).await;
+            let closed = endpoint.check_health(self.connect_timeout).await;
             if closed > 0 {
                 tracing::info!(
                     endpoint = &*endpoint.name,
@@ -206,7 +219,7 @@ impl<DB: Backend> PoolInner<DB> {
                     "idle connections died with their server; closed them"
                 );
             }
-            if endpoint.role == Role::Replica {
+            if endpoint.role() == Some(Role::Replica) {
                 endpoint.set_lag(self.measure_lag(endpoint).await);
             }
         }
@@ -279,8 +292,32 @@ impl<DB: Backend> PoolInner<DB> {
                 // answers somebody. Not a verdict either way.
                 Err(_) => return (Outcome::Ignored, None),
             };
-            match checkout.run(async |raw| DB::probe(raw, route).await).await {
-                Ok(()) => (Outcome::Success, None),
+            // On the write route the probe also asks what the server is: a breaker must not
+            // close on a standby (a demoted primary behind the same address).
+            let checked = checkout
+                .run(async |raw| {
+                    DB::probe(raw, route).await?;
+                    match route {
+                        Route::Write => DB::role(raw).await.map(Some),
+                        Route::Read | Route::Auth => Ok(None),
+                    }
+                })
+                .await;
+            match checked {
+                Ok(Some(Role::Replica)) => {
+                    endpoint.roles().observe(Some(Role::Replica));
+                    let error = Error::NotPrimary {
+                        route,
+                        endpoint: endpoint.name.clone(),
+                    };
+                    (Outcome::Failure, Some(error))
+                }
+                Ok(role) => {
+                    if role.is_some() {
+                        endpoint.roles().observe(role);
+                    }
+                    (Outcome::Success, None)
+                }
                 Err(source) => {
                     let judged = judge(self, &source, route);
                     let broken = checkout.is_broken();

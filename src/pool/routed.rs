@@ -329,10 +329,12 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
         let Routed {
             pool, route, query, ..
         } = self.routed;
-        let replay = if replayable && route == Route::Read {
-            Replay::Read
-        } else {
-            Replay::Never
+        let replay = match route {
+            Route::Read if replayable => Replay::Read,
+            Route::Read => Replay::Never,
+            // One statement for the primary: if a standby refused it (not executed), it moves
+            // to the primary of the moment.
+            Route::Write | Route::Auth => Replay::AfterRefusal,
         };
         let fallback: Option<BoxedFallback<T>> = sealed::IntoBoxed::into_boxed(self.fallback);
         let prepared = query

@@ -15,6 +15,7 @@ use sqlx::Connection;
 
 use super::events::{PoolListener, PoolListeners, PoolStateChange};
 use super::probe::Probes;
+use super::topology::{ClusterEvent, ClusterListener, Topology};
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::breaker::BreakerConfig;
@@ -57,6 +58,7 @@ pub struct PoolBuilder<DB: Backend> {
     probes: bool,
     classifier: Option<Classifier>,
     listeners: Vec<PoolListener>,
+    cluster_listeners: Vec<ClusterListener>,
     cache: Option<Arc<dyn Cache>>,
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
@@ -100,6 +102,7 @@ impl<DB: Backend> PoolBuilder<DB> {
             probes: true,
             classifier: None,
             listeners: Vec::new(),
+            cluster_listeners: Vec::new(),
             cache: None,
             cache_timeout: Duration::from_millis(250),
             fallbacks: RouteFallbacks::default(),
@@ -117,16 +120,77 @@ impl<DB: Backend> PoolBuilder<DB> {
     }
 
     /// The primary endpoint, named `primary`, by URL (`postgres://..`, `sqlite://..`).
+    ///
+    /// A URL naming several hosts, the way libpq takes them
+    /// (`postgres://app@h1:5432,h2:5432/app?target_session_attrs=read-write`), is a whole
+    /// cluster: see [`cluster`](Self::cluster).
     pub fn primary(self, url: impl Into<String>) -> Self {
         self.primary_named("primary", url)
     }
 
     /// The primary endpoint under a name of your choosing (shown in errors, reports, metrics).
+    /// Which endpoint is the primary is read from the servers while the pool runs: this is
+    /// where writes go until they say otherwise.
     pub fn primary_named(mut self, name: impl Into<String>, url: impl Into<String>) -> Self {
+        let url = url.into();
+        if url::split_hosts(&url).is_some() {
+            return self.cluster(url);
+        }
         self.primary = Some(EndpointSpec {
             name: name.into(),
-            target: Target::Url(url.into()),
+            target: Target::Url(url),
         });
+        self
+    }
+
+    /// Every server of a cluster from one libpq-style URL with a host list
+    /// (`postgres://app:pw@h1:5432,h2:5432,h3/app?target_session_attrs=read-write`): one
+    /// endpoint per host, named `host:port`, the first declared primary and the others
+    /// replicas. The declaration is a hint: each server says what it is, and writes go to the
+    /// one that says it is the primary. `target_session_attrs=read-only`, `standby` or
+    /// `prefer-standby` make reads prefer replicas; `any`, `read-write` and `primary` change
+    /// nothing (writes always go to the primary).
+    ///
+    /// ```
+    /// use protected_pool::{ProtectedPool, Role};
+    ///
+    /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// # let _guard = runtime.enter();
+    /// let pool: ProtectedPool = ProtectedPool::builder()
+    ///     .cluster("postgres://app:secret@db-a:5432,db-b:5432/app?target_session_attrs=read-write")
+    ///     .build()
+    ///     .unwrap();
+    /// let endpoints = pool.endpoints();
+    /// assert_eq!(&*endpoints[0].0, "db-a:5432");
+    /// assert_eq!(endpoints[1], ("db-b:5432".into(), Role::Replica));
+    /// ```
+    pub fn cluster(mut self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        let cluster = match url::split_hosts(&url) {
+            Some(Ok(cluster)) => cluster,
+            Some(Err(problem)) => {
+                self.problems.push(ConfigProblem::new("cluster", problem));
+                return self;
+            }
+            // One host: a cluster of one.
+            None => return self.primary_named("primary", url),
+        };
+        if cluster.prefer_standby {
+            self.read_preference = ReadPreference::PreferReplica;
+        }
+        let mut hosts = cluster.hosts.into_iter();
+        if let Some(first) = hosts.next() {
+            self.primary = Some(EndpointSpec {
+                name: first.name,
+                target: Target::Url(first.url),
+            });
+        }
+        for host in hosts {
+            self.replicas.push(EndpointSpec {
+                name: host.name,
+                target: Target::Url(host.url),
+            });
+        }
         self
     }
 
@@ -239,6 +303,17 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
+    /// Calls `listener` on every change in what the pool knows of its cluster: an endpoint's
+    /// role as its server reports it (a promotion, a demotion, an address that moved), and
+    /// two primaries at once (split brain) and its end.
+    pub fn on_cluster_event(
+        mut self,
+        listener: impl Fn(&ClusterEvent) + Send + Sync + 'static,
+    ) -> Self {
+        self.cluster_listeners.push(Arc::new(listener));
+        self
+    }
+
     /// Where [`cached`](crate::Routed::cached) reads keep their results (default: a
     /// [`MemoryCache`] of at most 10,000 values and 64 MiB).
     pub fn cache(mut self, cache: impl Cache) -> Self {
@@ -299,7 +374,11 @@ impl<DB: Backend> PoolBuilder<DB> {
                 for (route, breaker) in Route::ALL.into_iter().zip(&endpoint.breakers) {
                     wiring::wire_breaker(breaker, &endpoint.name, route, &listeners, &wakeup);
                 }
-                let manager = ConnectionManager::<DB>::new(endpoint.connect, &self.options);
+                let manager = ConnectionManager::<DB>::new(
+                    endpoint.name.clone(),
+                    endpoint.connect,
+                    &self.options,
+                );
                 Endpoint::new(
                     endpoint.name,
                     index,
@@ -311,9 +390,17 @@ impl<DB: Backend> PoolBuilder<DB> {
                 )
             })
             .collect();
+        let topology = Topology::watch(
+            endpoints
+                .iter()
+                .map(|endpoint| (endpoint.name.clone(), endpoint.roles_arc()))
+                .collect(),
+            self.cluster_listeners,
+        );
         let inner = Arc::new_cyclic(|me| PoolInner {
             me: me.clone(),
             endpoints,
+            topology,
             router: Router::new(self.read_preference, self.replica_selection),
             routes: self.routes,
             max_replica_lag: self.max_replica_lag,
@@ -330,6 +417,12 @@ impl<DB: Backend> PoolBuilder<DB> {
             fallbacks: self.fallbacks,
             started: std::time::Instant::now(),
         });
+        let pool = Arc::downgrade(&inner);
+        inner.topology.on_promotion(Box::new(move |index| {
+            if let Some(pool) = pool.upgrade() {
+                pool.promoted(index);
+            }
+        }));
         inner.start_probes();
         Ok(ProtectedPool { inner })
     }

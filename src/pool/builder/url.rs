@@ -99,3 +99,137 @@ fn unknown_parameter<DB: Backend>(url: &str) -> Option<String> {
             )
         })
 }
+
+/// One host of a multi-host URL, as an endpoint of its own.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ClusterHost {
+    /// `host:port`, the endpoint's name.
+    pub(super) name: String,
+    /// The URL with this host alone.
+    pub(super) url: String,
+}
+
+/// A libpq-style multi-host URL taken apart (`postgres://u:p@h1:5432,h2:5433/db?..`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Cluster {
+    pub(super) hosts: Vec<ClusterHost>,
+    /// Whether `target_session_attrs` asked for a standby (`read-only`, `standby`,
+    /// `prefer-standby`): reads then prefer replicas.
+    pub(super) prefer_standby: bool,
+}
+
+/// Splits a URL naming several hosts into one URL per host, the way libpq reads
+/// `postgres://h1,h2:5433/db` (sqlx takes one host). `None` for a URL with one host;
+/// `Some(Err(problem))` for one that cannot be read (the problem never quotes the URL).
+pub(super) fn split_hosts(url: &str) -> Option<Result<Cluster, String>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    if !hosts.contains(',') {
+        return None;
+    }
+    Some(split(scheme, userinfo, hosts, tail))
+}
+
+fn split(scheme: &str, userinfo: Option<&str>, hosts: &str, tail: &str) -> Result<Cluster, String> {
+    let (path, query) = match tail.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (tail, None),
+    };
+    let mut prefer_standby = false;
+    let mut kept = Vec::new();
+    for pair in query.into_iter().flat_map(|query| query.split('&')) {
+        match pair.split_once('=') {
+            Some(("target_session_attrs", value)) => match value {
+                "any" | "read-write" | "primary" => {}
+                "read-only" | "standby" | "prefer-standby" => prefer_standby = true,
+                _ => {
+                    return Err("target_session_attrs must be any, read-write, primary, \
+                                read-only, standby or prefer-standby"
+                        .to_owned());
+                }
+            },
+            _ => kept.push(pair),
+        }
+    }
+    let query = if kept.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", kept.join("&"))
+    };
+    let userinfo = userinfo.map_or(String::new(), |userinfo| format!("{userinfo}@"));
+    let mut out = Vec::new();
+    for (index, host) in hosts.split(',').enumerate() {
+        let (name_host, port) = host_and_port(host)
+            .ok_or_else(|| format!("host {} of the host list is empty or malformed", index + 1))?;
+        out.push(ClusterHost {
+            name: format!("{name_host}:{}", port.unwrap_or("5432")),
+            url: format!("{scheme}://{userinfo}{host}{path}{query}"),
+        });
+    }
+    Ok(Cluster {
+        hosts: out,
+        prefer_standby,
+    })
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn host_and_port(host: &str) -> Option<(&str, Option<&str>)> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (name, after) = rest.split_once(']')?;
+        match after {
+            "" => (name, None),
+            _ => (name, Some(after.strip_prefix(':')?)),
+        }
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    let port_ok = port.is_none_or(|port| !port.is_empty() && port.parse::<u16>().is_ok());
+    (!name.is_empty() && port_ok).then_some((name, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_list_becomes_one_url_per_host() {
+        let cluster = split_hosts(
+            "postgres://app:pw@h1:5432,h2:5433,[::1]/app?sslmode=disable&target_session_attrs=read-write",
+        )
+        .expect("several hosts")
+        .expect("readable");
+        let urls: Vec<_> = cluster
+            .hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.url.as_str()))
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                ("h1:5432", "postgres://app:pw@h1:5432/app?sslmode=disable"),
+                ("h2:5433", "postgres://app:pw@h2:5433/app?sslmode=disable"),
+                ("::1:5432", "postgres://app:pw@[::1]/app?sslmode=disable"),
+            ]
+        );
+        assert!(!cluster.prefer_standby);
+    }
+
+    #[test]
+    fn one_host_is_not_a_cluster_and_bad_lists_say_so_without_the_url() {
+        assert_eq!(split_hosts("postgres://app:pw@h1/app"), None);
+        let problem = split_hosts("postgres://app:s3cr3t@h1,:x/app")
+            .unwrap()
+            .unwrap_err();
+        assert!(!problem.contains("s3cr3t"), "{problem}");
+        let standby = split_hosts("postgres://h1,h2/app?target_session_attrs=prefer-standby");
+        assert!(standby.unwrap().unwrap().prefer_standby);
+    }
+}
