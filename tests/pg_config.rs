@@ -197,3 +197,32 @@ fn a_broken_configuration_lists_every_problem_with_its_path() {
     assert!(from_builder.contains("timeouts.write"), "{from_builder}");
     assert!(from_builder.contains("primary.url_env"), "{from_builder}");
 }
+
+#[tokio::test]
+async fn a_primary_url_with_a_host_list_is_a_cluster() {
+    let config = protected_pool::PoolConfig::from_toml(
+        r#"
+        [primary]
+        url = "postgres://app:pw@db-a:5432,db-b:5433/app?target_session_attrs=prefer-standby"
+        "#,
+    )
+    .expect("well-formed");
+    let pool = protected_pool::ProtectedPool::<sqlx::Postgres>::from_config(&config)
+        .expect("a cluster of two");
+    let endpoints = pool.endpoints();
+    assert_eq!(
+        endpoints,
+        [
+            ("db-a:5432".into(), protected_pool::Role::Primary),
+            ("db-b:5433".into(), protected_pool::Role::Replica),
+        ]
+    );
+    let bad = protected_pool::PoolConfig::from_toml(
+        "[primary]\nurl = \"postgres://app:s3cr3t@db-a,:x/app\"\n",
+    )
+    .expect("well-formed")
+    .validate()
+    .expect_err("a malformed host list");
+    assert!(!bad.to_string().contains("s3cr3t"), "{bad}");
+    assert_eq!(bad.problems[0].path, "primary.url");
+}

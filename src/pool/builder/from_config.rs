@@ -1,5 +1,6 @@
 //! A builder set up from a [`PoolConfig`].
 
+use super::url::split_hosts;
 use super::{EndpointSpec, PoolBuilder, Target};
 use crate::backend::Backend;
 use crate::config::{EndpointConfig, PoolConfig};
@@ -47,7 +48,21 @@ impl<DB: Backend> PoolBuilder<DB> {
                 )
             })
             .collect();
+        // A primary URL with a host list is a whole cluster, as in code.
+        if let Some(EndpointSpec {
+            target: Target::Url(url),
+            ..
+        }) = &builder.primary
+        {
+            if split_hosts(url).is_some() {
+                let url = url.clone();
+                let replicas = std::mem::take(&mut builder.replicas);
+                builder = builder.cluster_at("primary.url", url);
+                builder.replicas.extend(replicas);
+            }
+        }
         config.cache_problems(&mut problems);
+        problems.append(&mut builder.problems);
         if with_cache {
             builder.cache = config.build_cache(&mut problems);
         }

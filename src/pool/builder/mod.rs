@@ -164,12 +164,16 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// assert_eq!(&*endpoints[0].0, "db-a:5432");
     /// assert_eq!(endpoints[1], ("db-b:5432".into(), Role::Replica));
     /// ```
-    pub fn cluster(mut self, url: impl Into<String>) -> Self {
-        let url = url.into();
+    pub fn cluster(self, url: impl Into<String>) -> Self {
+        self.cluster_at("cluster", url.into())
+    }
+
+    /// [`cluster`](Self::cluster), its problems reported at `path`.
+    pub(crate) fn cluster_at(mut self, path: &str, url: String) -> Self {
         let cluster = match url::split_hosts(&url) {
             Some(Ok(cluster)) => cluster,
             Some(Err(problem)) => {
-                self.problems.push(ConfigProblem::new("cluster", problem));
+                self.problems.push(ConfigProblem::new(path, problem));
                 return self;
             }
             // One host: a cluster of one.
