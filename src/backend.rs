@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::{Database, Executor, Postgres, Sqlite};
 
 use crate::classify::{self, ErrorClass};
-use crate::endpoint::Role;
+use crate::endpoint::{Observed, Role};
 use crate::route::Route;
 
 mod sealed {
@@ -84,13 +84,14 @@ pub trait Backend:
     #[doc(hidden)]
     fn describe(
         connection: &mut Self::Connection,
-    ) -> impl Future<Output = Result<(Option<i32>, Role), sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<(Option<i32>, Observed), sqlx::Error>> + Send;
 
-    /// What the server behind `connection` is now: a primary, or a standby.
+    /// What the server behind `connection` is now (a primary, or a standby), and which
+    /// server it is.
     #[doc(hidden)]
     fn role(
         connection: &mut Self::Connection,
-    ) -> impl Future<Output = Result<Role, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Observed, sqlx::Error>> + Send;
 
     /// Asks the server to stop whatever the process `pid` is running, over a connection of
     /// its own (the one running the statement is busy).
@@ -169,19 +170,22 @@ impl Backend for Postgres {
 
     async fn describe(
         connection: &mut Self::Connection,
-    ) -> Result<(Option<i32>, Role), sqlx::Error> {
-        let (pid, standby): (i32, bool) =
-            sqlx::query_as("SELECT pg_backend_pid(), pg_is_in_recovery()")
-                .fetch_one(connection)
-                .await?;
-        Ok((Some(pid), role_of(standby)))
+    ) -> Result<(Option<i32>, Observed), sqlx::Error> {
+        let (pid, standby, server): (i32, bool, String) = sqlx::query_as(concat!(
+            "SELECT pg_backend_pid(), pg_is_in_recovery(), ",
+            server_identity!()
+        ))
+        .fetch_one(connection)
+        .await?;
+        Ok((Some(pid), observed(standby, server)))
     }
 
-    async fn role(connection: &mut Self::Connection) -> Result<Role, sqlx::Error> {
-        let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
-            .fetch_one(connection)
-            .await?;
-        Ok(role_of(standby))
+    async fn role(connection: &mut Self::Connection) -> Result<Observed, sqlx::Error> {
+        let (standby, server): (bool, String) =
+            sqlx::query_as(concat!("SELECT pg_is_in_recovery(), ", server_identity!()))
+                .fetch_one(connection)
+                .await?;
+        Ok(observed(standby, server))
     }
 
     async fn cancel(
@@ -219,11 +223,34 @@ impl Backend for Postgres {
     }
 }
 
-fn role_of(in_recovery: bool) -> Role {
-    if in_recovery {
+/// Which server answers, as the server sees itself: its address and port, and when its
+/// postmaster started (to the microsecond). Two endpoints that reach one server (a moved
+/// address and the server's own) get the same answer; a promoted standby and its old
+/// primary never do.
+macro_rules! server_identity {
+    () => {
+        "concat_ws('/', inet_server_addr(), inet_server_port(), pg_postmaster_start_time())"
+    };
+}
+use server_identity;
+
+fn observed(in_recovery: bool, server: String) -> Observed {
+    let role = if in_recovery {
         Role::Replica
     } else {
         Role::Primary
+    };
+    Observed {
+        role,
+        server: Some(server),
+    }
+}
+
+/// A file takes writes; a read-only one says so when written to.
+fn file_role() -> Observed {
+    Observed {
+        role: Role::Primary,
+        server: None,
     }
 }
 
@@ -284,13 +311,12 @@ impl Backend for Sqlite {
 
     async fn describe(
         _connection: &mut Self::Connection,
-    ) -> Result<(Option<i32>, Role), sqlx::Error> {
-        Ok((None, Role::Primary))
+    ) -> Result<(Option<i32>, Observed), sqlx::Error> {
+        Ok((None, file_role()))
     }
 
-    async fn role(_connection: &mut Self::Connection) -> Result<Role, sqlx::Error> {
-        // A file takes writes; a read-only one says so when written to.
-        Ok(Role::Primary)
+    async fn role(_connection: &mut Self::Connection) -> Result<Observed, sqlx::Error> {
+        Ok(file_role())
     }
 
     async fn cancel(

@@ -88,10 +88,17 @@ fn primary_of<DB: Backend>(
     route: Route,
     endpoints: &[Endpoint<DB>],
 ) -> Result<Vec<&Endpoint<DB>>, Error> {
-    let primaries: Vec<&Endpoint<DB>> = endpoints
+    let mut primaries: Vec<&Endpoint<DB>> = endpoints
         .iter()
         .filter(|endpoint| endpoint.role() == Some(Role::Primary))
         .collect();
+    // Two endpoints that reach one server (a moved address and the server's own) are one
+    // primary: keep the declared primary, else the first.
+    primaries.sort_by_key(|endpoint| endpoint.hint != Role::Primary);
+    let first_server = primaries.first().and_then(|endpoint| endpoint.server());
+    if first_server.is_some() && primaries.iter().all(|e| e.server() == first_server) {
+        primaries.truncate(1);
+    }
     match primaries.len() {
         1 => return Ok(primaries),
         0 => {}

@@ -124,8 +124,8 @@ impl<DB: Backend> ConnectionManager<DB> {
         };
         let answer = tokio::time::timeout(limit, asked).await;
         let refusals = match answer {
-            Ok(Ok(role)) => {
-                self.roles.observe(Some(role));
+            Ok(Ok(observed)) => {
+                self.roles.observe_server(observed);
                 0
             }
             // It answered, but would not say.
@@ -202,7 +202,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         let mut raw = raw;
         // One round trip says which server process this is (to stop a statement given up on)
         // and what the server is now: a primary, or a standby.
-        let (server_pid, role) =
+        let (server_pid, observed) =
             match tokio::time::timeout(self.connect_timeout, DB::describe(&mut raw)).await {
                 Ok(described) => described?,
                 Err(_) => {
@@ -212,7 +212,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
                     )));
                 }
             };
-        self.roles.observe(Some(role));
+        self.roles.observe_server(observed);
         Ok(PooledConnection {
             raw,
             busy: false,

@@ -23,6 +23,7 @@ use crate::route::Route;
 use crate::telemetry::RouteMetrics;
 pub(crate) use checkout::Checkout;
 pub(crate) use manager::{ConnectionManager, PooledConnection};
+pub(crate) use role::Observed;
 pub(crate) use role::RoleState;
 pub use role::{Role, RoleChange};
 
@@ -136,6 +137,11 @@ impl<DB: Backend> Endpoint<DB> {
         &self.roles
     }
 
+    /// Which server answered last, when known (see `Backend::role`).
+    pub(crate) fn server(&self) -> Option<Arc<str>> {
+        self.roles.server()
+    }
+
     pub(crate) fn roles_arc(&self) -> Arc<RoleState> {
         self.roles.clone()
     }
@@ -218,8 +224,8 @@ impl<DB: Backend> Endpoint<DB> {
             };
             let asked = tokio::time::timeout(limit, checkout.run(async |raw| DB::role(raw).await));
             let dead = match asked.await {
-                Ok(Ok(role)) => {
-                    self.roles.observe(Some(role));
+                Ok(Ok(observed)) => {
+                    self.roles.observe_server(observed);
                     return closed;
                 }
                 Ok(Err(_)) => checkout.is_broken() && !checkout.is_fresh(),

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,19 @@ impl fmt::Display for RoleChange {
 
 pub(crate) type RoleSink = Arc<dyn Fn(&RoleChange) + Send + Sync>;
 
+/// What a server said about itself: its role, and which server it is (two endpoints may
+/// reach one server, e.g. a moved address and the server's own: that is one primary, not a
+/// split brain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by `Backend`'s sealed methods, unnameable outside the crate
+pub struct Observed {
+    /// Primary or standby.
+    pub role: Role,
+    /// What tells this server from others (PostgreSQL: its address and port as it sees them
+    /// and when its postmaster started); `None` when nothing does.
+    pub server: Option<String>,
+}
+
 /// An endpoint's discovered role, shared by the endpoint and its connection manager (which
 /// learns it on every new connection).
 pub(crate) struct RoleState {
@@ -94,6 +107,8 @@ pub(crate) struct RoleState {
     changed_at: AtomicU64,
     /// Where changes are reported: set once, when the pool is wired.
     sink: OnceLock<RoleSink>,
+    /// Which server answered last.
+    server: Mutex<Option<Arc<str>>>,
 }
 
 impl fmt::Debug for RoleState {
@@ -111,6 +126,7 @@ impl RoleState {
             role: AtomicU8::new(UNKNOWN),
             changed_at: AtomicU64::new(0),
             sink: OnceLock::new(),
+            server: Mutex::new(None),
         }
     }
 
@@ -129,6 +145,22 @@ impl RoleState {
             0 => None,
             ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
         }
+    }
+
+    /// Which server answered last, when the role is known.
+    pub(crate) fn server(&self) -> Option<Arc<str>> {
+        self.get()?;
+        self.server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records what the server said about itself; reports a change of role.
+    pub(crate) fn observe_server(&self, observed: Observed) {
+        *self.server.lock().unwrap_or_else(PoisonError::into_inner) =
+            observed.server.map(Arc::from);
+        self.observe(Some(observed.role));
     }
 
     /// Records what the server said (or `None`: it could not be asked); reports a change.

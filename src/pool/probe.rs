@@ -304,17 +304,17 @@ impl<DB: Backend> PoolInner<DB> {
                 })
                 .await;
             match checked {
-                Ok(Some(Role::Replica)) => {
-                    endpoint.roles().observe(Some(Role::Replica));
+                Ok(Some(observed)) if observed.role == Role::Replica => {
+                    endpoint.roles().observe_server(observed);
                     let error = Error::NotPrimary {
                         route,
                         endpoint: endpoint.name.clone(),
                     };
                     (Outcome::Failure, Some(error))
                 }
-                Ok(role) => {
-                    if role.is_some() {
-                        endpoint.roles().observe(role);
+                Ok(observed) => {
+                    if let Some(observed) = observed {
+                        endpoint.roles().observe_server(observed);
                     }
                     (Outcome::Success, None)
                 }

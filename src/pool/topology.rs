@@ -139,12 +139,29 @@ impl Topology {
             }
         }
         self.emit(&ClusterEvent::RoleChanged(change.clone()));
-        let primaries: Vec<Arc<str>> = self
+        let primary_states: Vec<&(Arc<str>, Arc<RoleState>)> = self
             .roles
             .iter()
             .filter(|(_, state)| state.get() == Some(Role::Primary))
-            .map(|(name, _)| name.clone())
             .collect();
+        // One server reached by two endpoints is one primary.
+        let first_server = primary_states.first().and_then(|(_, state)| state.server());
+        let one_server = first_server.is_some()
+            && primary_states
+                .iter()
+                .all(|(_, state)| state.server() == first_server);
+        let primaries: Vec<Arc<str>> = if one_server {
+            primary_states
+                .iter()
+                .take(1)
+                .map(|(name, _)| name.clone())
+                .collect()
+        } else {
+            primary_states
+                .iter()
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
         let event = {
             let mut split = self.split.lock().unwrap_or_else(PoisonError::into_inner);
             match (primaries.len() >= 2, split.is_empty()) {
