@@ -130,7 +130,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         acknowledged.load(Ordering::Relaxed)
     );
     for (name, _) in pool.endpoints() {
-        let role = pool.role(&name)?.map_or("unknown (unreachable)", |role| role.as_str());
+        let role = pool
+            .role(&name)?
+            .map_or("unknown (unreachable)", |role| role.as_str());
         println!("{name}: {role}");
     }
     Ok(())
