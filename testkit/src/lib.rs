@@ -99,19 +99,28 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backend;
 mod bins;
 mod container;
 mod error;
+mod local;
+mod options;
 mod procs;
+mod programs;
 mod proxy;
+mod run;
+mod runner;
 mod server;
+mod site;
 mod template;
 
+pub use backend::{BACKEND_ENV, Backend};
 pub use bins::BIN_DIR_ENV;
-pub use container::{BACKEND_ENV, Backend, IMAGE_ENV, IMAGE_TAG_ENV, SUPERUSER_PASSWORD};
+pub use container::{IMAGE_ENV, IMAGE_TAG_ENV, SUPERUSER_PASSWORD};
 pub use error::{HarnessError, Result};
 pub use proxy::{FaultMode, FaultProxy};
-pub use server::{APP_PASSWORD, APP_USER, PgServer, PgServerBuilder, TMPDIR_ENV};
+pub use server::{APP_PASSWORD, APP_USER, PgServer, PgServerBuilder};
+pub use site::TMPDIR_ENV;
 
 /// Same as [`PgServer::streaming_replica`].
 pub async fn streaming_replica(primary: &PgServer) -> Result<PgServer> {

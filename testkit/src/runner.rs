@@ -1,0 +1,146 @@
+//! [`Runner`]: the runner a [`PgServer`](crate::PgServer) holds, a local postmaster
+//! ([`LocalServer`]) or a Docker container ([`ContainerServer`]), both doing all that
+//! [`Run`] says. Each operation is dispatched here, once; what both backends do the same way
+//! on top (waiting for a standby to stream) is written once here too.
+
+use std::time::{Duration, Instant};
+
+use crate::backend::{self, Backend};
+use crate::container::ContainerServer;
+use crate::error::{HarnessError, Result};
+use crate::local::LocalServer;
+use crate::options::Options;
+use crate::run::{ERROR_LOG_LINES, Run, StopMode};
+use crate::site::Site;
+
+/// The runner of a server.
+#[derive(Debug)]
+pub(crate) enum Runner {
+    Local(LocalServer),
+    Container(ContainerServer),
+}
+
+/// `$body` with `$r` bound to whichever runner `$runner` holds.
+macro_rules! each {
+    ($runner:expr, $r:ident => $body:expr) => {
+        match $runner {
+            Runner::Local($r) => $body,
+            Runner::Container($r) => $body,
+        }
+    };
+}
+
+impl Runner {
+    /// Starts a server with `options` on the backend `$PGTESTKIT_BACKEND` selects.
+    pub(crate) async fn start(options: Options) -> Result<Runner> {
+        Ok(match backend::selection()? {
+            (Backend::Local, _) => Runner::Local(LocalServer::start(options).await?),
+            (Backend::Container, explicit) => {
+                Runner::Container(ContainerServer::start(options, explicit).await?)
+            }
+        })
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        match self {
+            Runner::Local(_) => Backend::Local,
+            Runner::Container(_) => Backend::Container,
+        }
+    }
+
+    pub(crate) fn site(&self) -> &Site {
+        each!(self, r => r.site())
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        each!(self, r => r.pid())
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        each!(self, r => r.is_running())
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        each!(self, r => r.is_paused())
+    }
+
+    pub(crate) fn log_tail(&self, n: usize) -> String {
+        each!(self, r => r.log_tail(n))
+    }
+
+    pub(crate) async fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        each!(self, r => r.psql(db, sql).await)
+    }
+
+    pub(crate) async fn kill9(&self) -> Result<()> {
+        each!(self, r => r.kill9().await)
+    }
+
+    pub(crate) async fn stop(&self, mode: StopMode) -> Result<()> {
+        each!(self, r => r.stop(mode).await)
+    }
+
+    pub(crate) fn pause(&self) -> Result<()> {
+        each!(self, r => r.pause())
+    }
+
+    pub(crate) fn resume(&self) -> Result<()> {
+        each!(self, r => r.resume())
+    }
+
+    pub(crate) async fn start_again(&self) -> Result<()> {
+        each!(self, r => r.start_again().await)
+    }
+
+    /// A new standby of this server, streaming from it.
+    pub(crate) async fn replica(&self) -> Result<Runner> {
+        if !self.is_running() {
+            return Err(HarnessError::NotRunning);
+        }
+        let replica = match self {
+            Runner::Local(r) => Runner::Local(r.replica().await?),
+            Runner::Container(r) => Runner::Container(r.replica().await?),
+        };
+        replica.wait_until_streaming(self).await?;
+        Ok(replica)
+    }
+
+    /// Waits until this server is a hot standby that answers queries and streams from
+    /// `primary`.
+    async fn wait_until_streaming(&self, primary: &Runner) -> Result<()> {
+        let timeout = self.site().options.start_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self
+                .psql(
+                    "postgres",
+                    "SELECT pg_is_in_recovery()::text || ',' || \
+                     (SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+                )
+                .await;
+            if let Ok("true,1") = state.as_deref() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let hint = match self {
+                    Runner::Local(_) => "",
+                    Runner::Container(_) => {
+                        "; the image's entrypoint must honour REPLICATE_FROM, as the one \
+                         .ci/postgres-image.sh builds does"
+                    }
+                };
+                return Err(HarnessError::Timeout {
+                    what: format!(
+                        "the server on port {} to be in recovery and streaming from port {} \
+                         (last check: {state:?}{hint})",
+                        self.site().port(),
+                        primary.site().port()
+                    ),
+                    after: timeout,
+                    log_tail: self.log_tail(ERROR_LOG_LINES),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
