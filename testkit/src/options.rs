@@ -26,7 +26,8 @@ impl Default for Options {
 }
 
 /// The harness's settings, on every server: fast rather than durable, small, and ready for
-/// streaming replication.
+/// streaming replication and `pg_rewind` (`wal_log_hints`, since the data dirs have no
+/// checksums).
 const HARNESS_SETTINGS: &[(&str, &str)] = &[
     ("fsync", "off"),
     ("synchronous_commit", "off"),
@@ -35,6 +36,7 @@ const HARNESS_SETTINGS: &[(&str, &str)] = &[
     ("max_wal_senders", "10"),
     ("wal_keep_size", "64MB"),
     ("hot_standby", "on"),
+    ("wal_log_hints", "on"),
     ("logging_collector", "off"),
     ("lc_messages", "C"),
     ("password_encryption", "scram-sha-256"),
