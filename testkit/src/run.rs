@@ -24,6 +24,9 @@ pub(crate) trait Run: Sized {
     fn is_running(&self) -> bool;
     fn is_paused(&self) -> bool;
     fn log_tail(&self, n: usize) -> String;
+    /// The host and port a standby of this server connects to (they differ from the
+    /// published ones in a container network).
+    fn address_for_standbys(&self) -> (String, u16);
     /// `psql` as the superuser in database `db`; see [`PgServer::psql`](crate::PgServer::psql).
     async fn psql(&self, db: &str, sql: &str) -> Result<String>;
     async fn kill9(&self) -> Result<()>;
@@ -35,4 +38,7 @@ pub(crate) trait Run: Sized {
     async fn start_again(&self) -> Result<()>;
     /// A new server, a standby of this one, started (not yet known to stream).
     async fn replica(&self) -> Result<Self>;
+    /// Makes this server, stopped or not, a standby of `primary` on its own port, and starts
+    /// it (not yet known to stream).
+    async fn rejoin(&self, primary: &Self) -> Result<()>;
 }

@@ -1,6 +1,7 @@
 //! [`PgServer`] and its builder: the face of a server, whichever runner runs it.
 
 use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,9 +22,10 @@ pub const APP_PASSWORD: &str = "app-password";
 /// Options for a server; start it with [`PgServerBuilder::start`].
 ///
 /// Every server is replication-ready: `wal_level = replica`,
-/// `max_wal_senders = 10`, `hot_standby = on`, and `pg_hba.conf` lets the
-/// superuser `postgres` replicate from 127.0.0.1 without a password, so
-/// [`PgServer::streaming_replica`] works on any of them.
+/// `max_wal_senders = 10`, `hot_standby = on`, `wal_log_hints = on` (for
+/// `pg_rewind`), and `pg_hba.conf` lets the superuser `postgres` replicate
+/// from 127.0.0.1 without a password, so [`PgServer::streaming_replica`] works
+/// on any of them.
 #[derive(Clone, Debug, Default)]
 pub struct PgServerBuilder {
     options: Options,
@@ -97,6 +99,33 @@ impl PgServerBuilder {
 /// All methods take `&self`, so a server can be shared (e.g. in an `Arc`)
 /// between the code under test and the code injecting faults. Linux only (it
 /// reads `/proc`).
+///
+/// # Roles
+///
+/// A server starts as a primary, or as a standby with
+/// [`streaming_replica`](Self::streaming_replica). Roles change as in a real
+/// cluster, each server keeping its port (so a URL that reached the primary
+/// may reach a standby afterwards): [`promote`](Self::promote) a standby,
+/// [`rejoin_as_standby_of`](Self::rejoin_as_standby_of) a new primary, or
+/// both at once with [`switchover_to`](Self::switchover_to). For a split
+/// brain, promote a standby, then [`start_again`](Self::start_again) the old
+/// primary, stopped or killed: it comes back as a primary too.
+///
+/// ```no_run
+/// use protected_pool_testkit::{PgServer, HarnessError};
+///
+/// # async fn demo() -> Result<(), HarnessError> {
+/// let a = PgServer::start().await?;
+/// let b = PgServer::streaming_replica(&a).await?;
+/// a.switchover_to(&b).await?; // b is the primary, a streams from it
+/// b.switchover_to(&a).await?; // and back
+///
+/// a.kill9().await?;           // failover...
+/// b.promote().await?;
+/// a.start_again().await?;     // ...and a split brain: two primaries
+/// a.rejoin_as_standby_of(&b).await?; // a's own writes are rewound away
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct PgServer {
     runner: Runner,
@@ -147,6 +176,12 @@ impl PgServer {
     /// The address the server listens on: `127.0.0.1`.
     pub fn host(&self) -> &str {
         HOST
+    }
+
+    /// The server's TCP address, `127.0.0.1:port` (e.g. for
+    /// [`FaultProxy::retarget`](crate::FaultProxy::retarget)).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
     }
 
     /// A URL for the superuser `postgres` and database `postgres`, e.g.
@@ -258,6 +293,12 @@ impl PgServer {
     /// [`kill9`](Self::kill9) or a stop. Crash recovery runs if it was killed.
     /// Fails with [`HarnessError::AlreadyRunning`](crate::HarnessError::AlreadyRunning)
     /// if it runs.
+    ///
+    /// It comes back in the role it had: a standby stays one. An old primary
+    /// started again after its standby was [promoted](Self::promote) is a
+    /// primary, beside the new one: a split brain, each taking writes the
+    /// other never sees. [`rejoin_as_standby_of`](Self::rejoin_as_standby_of)
+    /// ends it, throwing the old primary's own writes away.
     pub async fn start_again(&self) -> Result<()> {
         self.runner.start_again().await
     }
@@ -299,6 +340,49 @@ impl PgServer {
     /// SIGCONTs the postmaster and all its children.
     pub fn resume(&self) -> Result<()> {
         self.runner.resume()
+    }
+
+    // ---- roles -------------------------------------------------------------
+
+    /// Promotes this standby to a primary (`pg_promote()`), and returns once
+    /// `pg_is_in_recovery()` is false. It keeps its port; its standbys, if
+    /// any, follow it to its new timeline. Fails with
+    /// [`HarnessError::Refused`](crate::HarnessError::Refused) if it is not a
+    /// standby.
+    ///
+    /// Its old primary, if still running, stays a primary: stop it first for
+    /// a failover, or see [`switchover_to`](Self::switchover_to).
+    pub async fn promote(&self) -> Result<()> {
+        self.runner.promote().await
+    }
+
+    /// Makes this server, an old primary (running, stopped or killed), a hot
+    /// standby of `primary` on the same port, and returns once it streams
+    /// from `primary`: an address that reached the old primary now reaches a
+    /// standby, which refuses writes. Whatever it wrote that `primary` never
+    /// saw is thrown away.
+    ///
+    /// Locally the server is stopped and its data dir rewound with `pg_rewind
+    /// -R` (every server has `wal_log_hints = on` for it); on the container
+    /// backend its container is replaced by a new one, on the same port, made
+    /// from a base backup of `primary` (a stopped container's data cannot be
+    /// rewound: `pg_rewind` needs the server stopped, and a container without
+    /// its postmaster is stopped too).
+    ///
+    /// Fails with [`HarnessError::Refused`](crate::HarnessError::Refused) if
+    /// `primary` is in recovery, is this server, or runs on another backend.
+    pub async fn rejoin_as_standby_of(&self, primary: &PgServer) -> Result<()> {
+        self.runner.rejoin(&primary.runner).await
+    }
+
+    /// A switchover from this primary to `standby`: stops this server cleanly
+    /// (so every write it took has reached `standby`), promotes `standby`, and
+    /// makes this server a standby of it ([`rejoin_as_standby_of`](Self::rejoin_as_standby_of)).
+    /// Both keep their ports: the roles behind the two addresses swap.
+    pub async fn switchover_to(&self, standby: &PgServer) -> Result<()> {
+        self.stop_fast().await?;
+        standby.promote().await?;
+        self.rejoin_as_standby_of(standby).await
     }
 
     // ---- admin ---------------------------------------------------------------

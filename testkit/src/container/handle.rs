@@ -73,6 +73,10 @@ impl Container {
         container
     }
 
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Its host name on the network.
     pub(super) fn name(&self) -> &str {
         &self.name

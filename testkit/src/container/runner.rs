@@ -1,6 +1,8 @@
-//! [`ContainerServer`]: a server run by a Docker container.
+//! [`ContainerServer`]: a server run by a Docker container, which a rejoin replaces by a new
+//! one on the same port.
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::engine::{self, run};
@@ -20,7 +22,8 @@ const PORT_ATTEMPTS: usize = 8;
 /// A server run by a container. Dropping it removes the container, then its [`Site`] goes.
 #[derive(Debug)]
 pub(crate) struct ContainerServer {
-    container: Container,
+    /// `None` only while a rejoin replaces it (or after one failed).
+    container: Mutex<Option<Arc<Container>>>,
     /// Whether `psql` runs on this machine, over the socket mounted into the container (else
     /// in the container, through `docker exec`).
     local_psql: bool,
@@ -73,7 +76,7 @@ impl ContainerServer {
             }
         };
         let server = ContainerServer {
-            container,
+            container: Mutex::new(Some(Arc::new(container))),
             local_psql,
             site,
         };
@@ -81,8 +84,9 @@ impl ContainerServer {
         Ok(server)
     }
 
-    fn container(&self) -> Result<&Container> {
-        Ok(&self.container)
+    fn container(&self) -> Result<Arc<Container>> {
+        let slot = self.container.lock().unwrap_or_else(|p| p.into_inner());
+        slot.clone().ok_or(HarnessError::NotRunning)
     }
 
     /// Waits until PostgreSQL in the container answers a query; fails at
@@ -158,6 +162,11 @@ impl Run for ContainerServer {
         self.container().map(|c| c.log_tail(n)).unwrap_or_default()
     }
 
+    fn address_for_standbys(&self) -> (String, u16) {
+        let name = self.container().map(|c| c.name().to_owned());
+        (name.unwrap_or_default(), CONTAINER_PORT)
+    }
+
     async fn psql(&self, db: &str, sql: &str) -> Result<String> {
         if !self.local_psql {
             return self.container()?.psql_exec(db, sql).await;
@@ -202,5 +211,41 @@ impl Run for ContainerServer {
         let replica = Site::new(site.options.clone(), site.bin_dir.clone(), site.run_as).await?;
         let primary = self.container()?.name().to_owned();
         Self::launch(replica, self.local_psql, Some(primary)).await
+    }
+
+    /// Replaces the container by a new one on the same port, which the entrypoint makes from
+    /// a base backup of `primary` (`REPLICATE_FROM`). The postmaster is the container's main
+    /// process: once it is stopped, so is the container, and nothing (`pg_rewind`, say) can
+    /// run on the data dir inside it any more.
+    async fn rejoin(&self, primary: &ContainerServer) -> Result<()> {
+        let primary = primary.container()?.name().to_owned();
+        let old = self
+            .container
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(old) = old {
+            let id = old.id().to_owned();
+            // Dropping the last handle removes the container, blocking while it does.
+            tokio::task::spawn_blocking(move || drop(old))
+                .await
+                .map_err(|e| HarnessError::io("removing a container", std::io::Error::other(e)))?;
+            // Also when a call in flight still holds a handle: the port must be free.
+            run(engine::remove(id)).await;
+        }
+        let mut attempt = 1;
+        let container = loop {
+            match create(&self.site, Some(primary.clone())).await {
+                Ok(container) => break container,
+                // The engine may take a moment to let go of the old container's port.
+                Err(CreateError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(CreateError::PortInUse(e) | CreateError::Other(e)) => return Err(e),
+            }
+        };
+        *self.container.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(container));
+        self.wait_ready().await
     }
 }

@@ -1,5 +1,5 @@
-//! A local server's data dir: made from the template or by a base backup of a primary; and
-//! the harness's configuration in it.
+//! A local server's data dir: made from the template, by a base backup of a primary, or
+//! rewound to follow a new primary; and the harness's configuration in it.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use crate::programs::run_checked;
 use crate::site::{HOST, Site, chown_to};
 use crate::template;
 
-/// How long copying a data dir may take.
+/// How long copying or rewinding a data dir may take.
 const COPY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Creates the data dir from the process's `initdb` template.
@@ -41,6 +41,22 @@ pub(super) async fn base_backup(site: &Site, primary_port: u16) -> Result<()> {
         .map(drop)
 }
 
+/// Turns the data dir of a stopped (or killed) server into a standby of the primary on
+/// `primary_port`: `pg_rewind -R` undoes what it wrote that the primary never saw (running
+/// crash recovery first if it was killed), copies what changed on the primary, and writes
+/// `standby.signal` and a `primary_conninfo` for it. Among what it copies is the primary's
+/// configuration, so the harness's is written again.
+pub(super) async fn rewind(site: &Site, primary_port: u16) -> Result<()> {
+    let source = format!("host={HOST} port={primary_port} user=postgres dbname=postgres");
+    let mut cmd = site.command("pg_rewind");
+    cmd.arg("-D")
+        .arg(site.data_dir())
+        .arg(format!("--source-server={source}"))
+        .args(["--write-recovery-conf", "--no-sync"]);
+    run_checked(cmd, "pg_rewind", COPY_TIMEOUT).await?;
+    write_config(site)
+}
+
 /// Writes `testkit.conf` (included from `postgresql.conf`) and `pg_hba.conf` for the
 /// site's port and socket dir.
 pub(super) fn write_config(site: &Site) -> Result<()> {
@@ -52,8 +68,8 @@ pub(super) fn write_config(site: &Site) -> Result<()> {
         ("unix_socket_directories", &*socket_dir),
     ];
     let mut conf = String::from(
-        "# Written by protected-pool-testkit before every first start; \
-         included from postgresql.conf.\n",
+        "# Written by protected-pool-testkit before a server's first start, and after a \
+         rewind; included from postgresql.conf.\n",
     );
     for (name, value) in site.options.settings(&place) {
         let value = value.replace('\\', "\\\\").replace('\'', "''");

@@ -15,7 +15,7 @@ use crate::options::Options;
 use crate::procs;
 use crate::programs;
 use crate::run::{ERROR_LOG_LINES, Run, StopMode};
-use crate::site::Site;
+use crate::site::{HOST, Site};
 
 /// How often a failed start is retried on a fresh port.
 const PORT_ATTEMPTS: usize = 8;
@@ -156,6 +156,10 @@ impl Run for LocalServer {
         postmaster::log_tail(self.site.log_path(), n)
     }
 
+    fn address_for_standbys(&self) -> (String, u16) {
+        (HOST.to_owned(), self.site.port())
+    }
+
     async fn psql(&self, db: &str, sql: &str) -> Result<String> {
         let site = &self.site;
         programs::psql(
@@ -258,6 +262,17 @@ impl Run for LocalServer {
         data_dir::base_backup(&replica, site.port()).await?;
         Self::start_fresh(replica).await
     }
+
+    async fn rejoin(&self, primary: &LocalServer) -> Result<()> {
+        // PostgreSQL 15's pg_rewind reads the primary's timeline from its control file, which
+        // the checkpoint that follows a promotion updates when it is done, asynchronously:
+        // right after a promotion it would see the old timeline and find nothing to rewind.
+        primary.psql("postgres", "CHECKPOINT").await?;
+        self.stop(StopMode::Fast).await?;
+        self.remove_stale_lock_files();
+        data_dir::rewind(&self.site, primary.site.port()).await?;
+        self.start_again().await
+    }
 }
 
 impl Drop for LocalServer {
@@ -279,7 +294,6 @@ impl Drop for LocalServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::site::HOST;
 
     #[tokio::test]
     async fn a_taken_port_moves_the_server_to_another() {
