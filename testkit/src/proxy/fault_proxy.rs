@@ -1,8 +1,8 @@
-//! [`FaultProxy`]: the handle tests hold, switching modes.
+//! [`FaultProxy`]: the handle tests hold, switching modes and targets.
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +20,9 @@ use crate::server::PgServer;
 /// A TCP proxy on 127.0.0.1 that forwards to a target (typically a
 /// [`PgServer`]) and injects network faults, switchable at run time with
 /// [`set_mode`](Self::set_mode); see [`FaultMode`] for what each mode does.
+/// The target can be switched too, with [`retarget`](Self::retarget) or
+/// [`point_to`](Self::point_to): the proxy's address is then what a DNS
+/// name or a virtual IP is to a cluster, moving from server to server.
 ///
 /// It runs as tasks on the tokio runtime it was started on. Dropping it
 /// closes its port before `drop` returns and closes every connection through
@@ -36,11 +39,14 @@ use crate::server::PgServer;
 /// proxy.set_mode(FaultMode::Blackhole); // every connection hangs
 /// proxy.set_mode(FaultMode::Pass);
 /// proxy.set_mode(FaultMode::Reset); // every connection gets a RST
+/// proxy.set_mode(FaultMode::Pass);
+///
+/// let other = PgServer::start().await?;
+/// proxy.point_to(&other); // the same URL now reaches the other server
 /// # let _ = url; Ok(()) }
 /// ```
 pub struct FaultProxy {
     addr: SocketAddr,
-    target: SocketAddr,
     control: watch::Sender<Control>,
     shared: Arc<Shared>,
     acceptor: JoinHandle<()>,
@@ -51,7 +57,7 @@ impl fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("target", &self.target)
+            .field("target", &self.target())
             .field("mode", &self.mode())
             .field("connections", &self.connections())
             .field("accepted", &self.accepted())
@@ -68,6 +74,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let (control, watcher) = watch::channel(Control {
             mode: FaultMode::Pass,
+            target,
             resets: 0,
         });
         let shared = Arc::new(Shared {
@@ -75,10 +82,9 @@ impl FaultProxy {
             open: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
         });
-        let acceptor = tokio::spawn(accept_loop(Arc::clone(&shared), watcher, target));
+        let acceptor = tokio::spawn(accept_loop(Arc::clone(&shared), watcher));
         Ok(FaultProxy {
             addr,
-            target,
             control,
             shared,
             acceptor,
@@ -89,13 +95,7 @@ impl FaultProxy {
     /// Starts a proxy to `server`'s TCP address (`127.0.0.1:port`). Use
     /// [`PgServer::url_via`] for a URL through it.
     pub async fn to_server(server: &PgServer) -> Result<FaultProxy> {
-        let ip: IpAddr = server.host().parse().map_err(|e| {
-            HarnessError::io(
-                "starting a fault proxy",
-                io::Error::new(io::ErrorKind::InvalidInput, e),
-            )
-        })?;
-        let target = SocketAddr::new(ip, server.port());
+        let target = server.addr();
         FaultProxy::start(target)
             .await
             .map_err(|e| HarnessError::io(format!("starting a fault proxy to {target}"), e))
@@ -111,9 +111,28 @@ impl FaultProxy {
         self.addr.port()
     }
 
-    /// The address the proxy forwards to.
+    /// The address the proxy forwards new connections to.
     pub fn target(&self) -> SocketAddr {
-        self.target
+        self.control.borrow().target
+    }
+
+    /// Forwards new connections to `target` from now on, and cuts every open
+    /// connection (a TCP RST to the client, as in [`FaultMode::Reset`]),
+    /// including those that hang in a blackhole: what clients of a DNS name
+    /// or a virtual IP see when it moves to another server. The mode stays
+    /// as it is.
+    pub fn retarget(&self, target: SocketAddr) {
+        self.control.send_modify(|c| {
+            c.target = target;
+            c.resets += 1;
+        });
+    }
+
+    /// [`retarget`](Self::retarget) to `server`'s TCP address, e.g. to the
+    /// standby just promoted, or back to an old primary now rejoined as a
+    /// standby.
+    pub fn point_to(&self, server: &PgServer) {
+        self.retarget(server.addr());
     }
 
     /// Switches to `mode`; existing connections follow at once. The port's

@@ -1,6 +1,7 @@
-//! [`FaultMode`]: what a proxy does to its traffic, and the control every task of a proxy
-//! watches.
+//! [`FaultMode`]: what a proxy does to its traffic, and the control (mode and target) every
+//! task of a proxy watches.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// What a [`FaultProxy`](super::FaultProxy) does to the traffic through it. Switch with
@@ -46,9 +47,11 @@ pub enum FaultMode {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Control {
     pub(super) mode: FaultMode,
-    /// How many times the mode was set to `Reset` or `Refuse`: a connection
-    /// that saw a different count when it was accepted must be reset, even
-    /// if the mode changed back before it noticed.
+    /// Where new connections go.
+    pub(super) target: SocketAddr,
+    /// How many times the mode was set to `Reset` or `Refuse`, or the target
+    /// changed: a connection that saw a different count when it was accepted
+    /// must be reset, even if the mode changed back before it noticed.
     pub(super) resets: u64,
 }
 

@@ -2,7 +2,6 @@
 
 use std::future::{pending, poll_fn};
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,11 +21,7 @@ const CHUNK: usize = 16 * 1024;
 /// [`FaultMode::Latency`]: at most `QUEUE_CHUNKS * CHUNK` = 4 MiB).
 const QUEUE_CHUNKS: usize = 256;
 
-pub(super) async fn accept_loop(
-    shared: Arc<Shared>,
-    mut control: watch::Receiver<Control>,
-    target: SocketAddr,
-) {
+pub(super) async fn accept_loop(shared: Arc<Shared>, mut control: watch::Receiver<Control>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -38,7 +33,7 @@ pub(super) async fn accept_loop(
                     let control = control.clone();
                     connections.spawn(async move {
                         let _open = open;
-                        serve(client, control, resets, target).await;
+                        serve(client, control, resets).await;
                     });
                 }
                 // E.g. out of file descriptors: do not spin.
@@ -62,14 +57,9 @@ enum Ending {
     ResetClient,
 }
 
-async fn serve(
-    mut client: TcpStream,
-    control: watch::Receiver<Control>,
-    resets: u64,
-    target: SocketAddr,
-) {
+async fn serve(mut client: TcpStream, control: watch::Receiver<Control>, resets: u64) {
     let _ = client.set_nodelay(true);
-    if let Ending::ResetClient = relay(&mut client, control, resets, target).await {
+    if let Ending::ResetClient = relay(&mut client, control, resets).await {
         let _ = client.set_zero_linger();
     }
 }
@@ -91,10 +81,10 @@ async fn relay(
     client: &mut TcpStream,
     mut control: watch::Receiver<Control>,
     resets: u64,
-    target: SocketAddr,
 ) -> Ending {
     // Until the first mode other than Blackhole, there is no connection to
-    // the target: what the client sends is discarded.
+    // the target: what the client sends is discarded. The target is the one
+    // of that moment (a connection accepted before a retarget is reset).
     let mut client_done = false;
     let mut buf = vec![0; CHUNK];
     let mut server = loop {
@@ -108,7 +98,7 @@ async fn relay(
                 return Ending::Close;
             }
             tokio::select! {
-                connected = TcpStream::connect(target) => match connected {
+                connected = TcpStream::connect(now.target) => match connected {
                     Ok(server) => break server,
                     // As if the server had refused the client.
                     Err(_) => return Ending::ResetClient,
