@@ -5,8 +5,11 @@
 //! died without unwinding left behind is swept.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::process::Command;
@@ -23,6 +26,11 @@ pub(crate) const HOST: &str = "127.0.0.1";
 const DIR_PREFIX: &str = "pgtestkit-";
 /// File in each such directory naming the process that owns it.
 const OWNER_FILE: &str = "owner";
+
+/// How often starting a server is tried while someone else holds its port.
+const PORT_ATTEMPTS: usize = 8;
+/// How long a server that keeps its port waits for it between tries.
+const PORT_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// Environment variable naming the directory the harness creates its
 /// servers' directories in.
@@ -75,12 +83,44 @@ impl Site {
         self.port
     }
 
-    /// Gives the port up for a new free one, after someone else took it first.
-    pub(crate) fn move_to_new_port(&mut self) -> Result<()> {
-        let new_port = reserve_port()?;
-        release_port(self.port);
-        self.port = new_port;
-        Ok(())
+    /// Runs `start` until it gets past the port, moving to a new free port after each clash:
+    /// for a new server, which nobody knows by its port yet.
+    pub(crate) async fn start_on_a_free_port<T>(
+        &mut self,
+        mut start: impl for<'a> FnMut(&'a Site) -> StartTry<'a, T>,
+    ) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            match start(self).await {
+                Ok(started) => return Ok(started),
+                Err(StartError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
+                    attempt += 1;
+                    let new_port = reserve_port()?;
+                    release_port(self.port);
+                    self.port = new_port;
+                }
+                Err(StartError::PortInUse(e) | StartError::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `start` until it gets past the port, waiting a moment after each clash: for a
+    /// server known by its port, which someone else took meanwhile and may let go.
+    pub(crate) async fn start_on_its_port<T>(
+        &self,
+        mut start: impl for<'a> FnMut(&'a Site) -> StartTry<'a, T>,
+    ) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            match start(self).await {
+                Ok(started) => return Ok(started),
+                Err(StartError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(PORT_RETRY_PAUSE).await;
+                }
+                Err(StartError::PortInUse(e) | StartError::Other(e)) => return Err(e),
+            }
+        }
     }
 
     pub(crate) fn root(&self) -> &Path {
@@ -112,6 +152,24 @@ impl Drop for Site {
     fn drop(&mut self) {
         release_port(self.port);
         // `self.root` (a TempDir) is dropped next and removes everything.
+    }
+}
+
+/// One try at starting a server on its site's port. (Boxed: the future of an async closure
+/// borrowing the site is not known to be `Send`, and the servers' futures must be.)
+pub(crate) type StartTry<'a, T> = Pin<Box<dyn Future<Output = Result<T, StartError>> + Send + 'a>>;
+
+/// Why one try at starting a server on its site's port failed.
+pub(crate) enum StartError {
+    /// Someone else holds the port.
+    PortInUse(HarnessError),
+    /// Anything else.
+    Other(HarnessError),
+}
+
+impl From<HarnessError> for StartError {
+    fn from(e: HarnessError) -> Self {
+        StartError::Other(e)
     }
 }
 

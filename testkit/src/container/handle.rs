@@ -20,13 +20,12 @@ use tokio::task::JoinHandle;
 use super::engine::{self, State, block, docker, docker_error, run};
 use crate::error::{HarnessError, Result};
 use crate::run::{ERROR_LOG_LINES, StopMode};
+use crate::site::StartError;
 
 /// How long a stop or kill may take before the harness gives up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long dropping a container waits for its removal.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often `docker start` is retried while another process holds the port.
-const PORT_ATTEMPTS: usize = 8;
 
 /// A server's container.
 pub(super) struct Container {
@@ -275,35 +274,25 @@ impl Container {
 
     /// `docker start` (its port published again), copying its log on to `log_path`; does
     /// not wait for PostgreSQL.
-    pub(super) async fn start(&self, log_path: &Path) -> Result<()> {
-        if self.state().await?.running {
-            return Err(HarnessError::AlreadyRunning);
-        }
-        let mut attempt = 1;
-        loop {
-            let handle = self.handle()?;
-            match run(async move { handle.start().await }).await {
-                Ok(()) => break,
-                Err(e) => {
-                    let message = e.to_string();
-                    let port_clash = message.contains("port is already allocated")
-                        || message.contains("address already in use");
-                    if port_clash && attempt < PORT_ATTEMPTS {
-                        // Another process took the port meanwhile; it may let go.
-                        attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        continue;
-                    }
-                    return Err(HarnessError::StartFailed {
-                        message: format!(
-                            "PostgreSQL did not start again: `docker start {}` failed: {message}",
-                            self.name
-                        ),
-                        log_path: log_path.to_owned(),
-                        log_tail: self.docker_log_tail(ERROR_LOG_LINES).await,
-                    });
-                }
-            }
+    pub(super) async fn start(&self, log_path: &Path) -> Result<(), StartError> {
+        let handle = self.handle()?;
+        if let Err(e) = run(async move { handle.start().await }).await {
+            let message = e.to_string();
+            let error = HarnessError::StartFailed {
+                message: format!(
+                    "PostgreSQL did not start again: `docker start {}` failed: {message}",
+                    self.name
+                ),
+                log_path: log_path.to_owned(),
+                log_tail: self.docker_log_tail(ERROR_LOG_LINES).await,
+            };
+            let port_clash = message.contains("port is already allocated")
+                || message.contains("address already in use");
+            return Err(if port_clash {
+                StartError::PortInUse(error)
+            } else {
+                StartError::Other(error)
+            });
         }
         self.paused.store(false, Ordering::SeqCst);
         self.copy_logs_to(log_path);

@@ -7,17 +7,14 @@ use std::time::{Duration, Instant};
 
 use super::engine::{self, run};
 use super::handle::Container;
-use super::spec::{self, CONTAINER_PORT, CreateError, Spec};
+use super::spec::{self, CONTAINER_PORT, Spec};
 use crate::backend::BACKEND_ENV;
 use crate::bins::{self, RunAs};
 use crate::error::{HarnessError, Result};
 use crate::options::Options;
 use crate::programs;
 use crate::run::{ERROR_LOG_LINES, Run, StopMode};
-use crate::site::Site;
-
-/// How often creating a container is retried when its port is taken.
-const PORT_ATTEMPTS: usize = 8;
+use crate::site::{Site, StartError};
 
 /// A server run by a container. Dropping it removes the container, then its [`Site`] goes.
 #[derive(Debug)]
@@ -64,17 +61,9 @@ impl ContainerServer {
         // Whatever uid PostgreSQL runs as in the container makes its socket here.
         std::fs::set_permissions(socket_dir, std::fs::Permissions::from_mode(0o777))
             .map_err(|e| HarnessError::io(format!("chmod {}", socket_dir.display()), e))?;
-        let mut attempt = 1;
-        let container = loop {
-            match create(&site, replicate_from.clone()).await {
-                Ok(container) => break container,
-                Err(CreateError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
-                    attempt += 1;
-                    site.move_to_new_port()?;
-                }
-                Err(CreateError::PortInUse(e) | CreateError::Other(e)) => return Err(e),
-            }
-        };
+        let container = site
+            .start_on_a_free_port(|site| Box::pin(create(site, replicate_from.clone())))
+            .await?;
         let server = ContainerServer {
             container: Mutex::new(Some(Arc::new(container))),
             local_psql,
@@ -134,7 +123,7 @@ impl ContainerServer {
 }
 
 /// Creates a container for `site`, on its port.
-async fn create(site: &Site, replicate_from: Option<String>) -> Result<Container, CreateError> {
+async fn create(site: &Site, replicate_from: Option<String>) -> Result<Container, StartError> {
     let spec = Spec::new(site, replicate_from);
     let (name, image) = (spec.name.clone(), spec.image());
     let created = run(spec::create(spec)).await?;
@@ -200,7 +189,16 @@ impl Run for ContainerServer {
     }
 
     async fn start_again(&self) -> Result<()> {
-        self.container()?.start(self.site.log_path()).await?;
+        let container = self.container()?;
+        if container.state().await?.running {
+            return Err(HarnessError::AlreadyRunning);
+        }
+        self.site
+            .start_on_its_port(|site| {
+                let container = Arc::clone(&container);
+                Box::pin(async move { container.start(site.log_path()).await })
+            })
+            .await?;
         self.wait_ready().await
     }
 
@@ -233,18 +231,11 @@ impl Run for ContainerServer {
             // Also when a call in flight still holds a handle: the port must be free.
             run(engine::remove(id)).await;
         }
-        let mut attempt = 1;
-        let container = loop {
-            match create(&self.site, Some(primary.clone())).await {
-                Ok(container) => break container,
-                // The engine may take a moment to let go of the old container's port.
-                Err(CreateError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(CreateError::PortInUse(e) | CreateError::Other(e)) => return Err(e),
-            }
-        };
+        // The engine may take a moment to let go of the old container's port.
+        let container = self
+            .site
+            .start_on_its_port(|site| Box::pin(create(site, Some(primary.clone()))))
+            .await?;
         *self.container.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(container));
         self.wait_ready().await
     }

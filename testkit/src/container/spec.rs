@@ -13,10 +13,9 @@ use testcontainers::{ContainerAsync, CopyTargetOptions, ImageExt};
 use testcontainers_modules::postgres::Postgres;
 
 use super::engine::{self, OWNER_LABEL, docker_error};
-use crate::error::HarnessError;
 use crate::options::Options;
 use crate::procs;
-use crate::site::Site;
+use crate::site::{Site, StartError};
 
 /// Environment variable naming the image of the container backend (default
 /// `postgres`, the official image).
@@ -129,19 +128,11 @@ impl Spec {
     }
 }
 
-pub(super) enum CreateError {
-    /// The port is taken.
-    PortInUse(HarnessError),
-    Other(HarnessError),
-}
-
 /// Creates and starts the container (without waiting for PostgreSQL).
 /// Runs on the Docker runtime.
-pub(super) async fn create(spec: Spec) -> Result<ContainerAsync<Postgres>, CreateError> {
-    let docker = engine::docker().await.map_err(CreateError::Other)?;
-    let network = engine::network_id(&docker)
-        .await
-        .map_err(CreateError::Other)?;
+pub(super) async fn create(spec: Spec) -> Result<ContainerAsync<Postgres>, StartError> {
+    let docker = engine::docker().await?;
+    let network = engine::network_id(&docker).await?;
     let request = Postgres::default()
         .with_user("postgres")
         .with_password(SUPERUSER_PASSWORD)
@@ -197,9 +188,9 @@ pub(super) async fn create(spec: Spec) -> Result<ContainerAsync<Postgres>, Creat
             if message.contains("port is already allocated")
                 || message.contains("address already in use")
             {
-                Err(CreateError::PortInUse(err))
+                Err(StartError::PortInUse(err))
             } else {
-                Err(CreateError::Other(err))
+                Err(StartError::Other(err))
             }
         }
     }

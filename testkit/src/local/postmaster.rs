@@ -9,15 +9,7 @@ use tokio::process::Child;
 use crate::error::HarnessError;
 use crate::procs;
 use crate::run::ERROR_LOG_LINES;
-use crate::site::{HOST, Site, chown_to};
-
-/// Why one attempt to start the postmaster failed.
-pub(super) enum LaunchError {
-    /// Someone else took the port.
-    PortInUse(HarnessError),
-    /// Anything else.
-    Other(HarnessError),
-}
+use crate::site::{HOST, Site, StartError, chown_to};
 
 /// Starts the postmaster of `site` once and waits until it is ready and accepts TCP
 /// connections; returns it.
@@ -28,23 +20,18 @@ pub(super) enum LaunchError {
 /// stderr to the log), and `postmaster.pid` is polled every 5 ms until it
 /// says `ready` (or `standby`). Being the parent also means its exit is
 /// reaped at once instead of leaving a zombie.
-pub(super) async fn launch(site: &Site) -> Result<Child, LaunchError> {
+pub(super) async fn launch(site: &Site) -> Result<Child, StartError> {
     let log_path = site.log_path();
     let log_offset = std::fs::metadata(log_path).map_or(0, |m| m.len());
     let timeout = site.options.start_timeout;
-    let io_err = |what: &str, e| {
-        LaunchError::Other(HarnessError::io(
-            format!("{what} {}", log_path.display()),
-            e,
-        ))
-    };
+    let io_err = |what: &str, e| HarnessError::io(format!("{what} {}", log_path.display()), e);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .map_err(|e| io_err("opening", e))?;
     let log2 = log.try_clone().map_err(|e| io_err("opening", e))?;
-    chown_to(log_path, site.run_as).map_err(LaunchError::Other)?;
+    chown_to(log_path, site.run_as)?;
 
     let mut cmd = site.command("postgres");
     cmd.arg("-D")
@@ -54,10 +41,10 @@ pub(super) async fn launch(site: &Site) -> Result<Child, LaunchError> {
         .process_group(0)
         .kill_on_drop(false);
     let mut child = cmd.spawn().map_err(|e| {
-        LaunchError::Other(HarnessError::io(
+        HarnessError::io(
             format!("running {}", site.bin_dir.join("postgres").display()),
             e,
-        ))
+        )
     })?;
     let pid = child.id();
 
@@ -97,9 +84,9 @@ pub(super) async fn launch(site: &Site) -> Result<Child, LaunchError> {
             log_tail: log_tail(log_path, ERROR_LOG_LINES),
         };
         return Err(if port_clash {
-            LaunchError::PortInUse(err)
+            StartError::PortInUse(err)
         } else {
-            LaunchError::Other(err)
+            StartError::Other(err)
         });
     }
 
@@ -108,7 +95,7 @@ pub(super) async fn launch(site: &Site) -> Result<Child, LaunchError> {
             Ok(_) => return Ok(child),
             Err(e) if Instant::now() >= deadline => {
                 stop_child(&mut child).await;
-                return Err(LaunchError::Other(HarnessError::Timeout {
+                return Err(StartError::Other(HarnessError::Timeout {
                     what: format!(
                         "a TCP connection to {HOST}:{} (last error: {e})",
                         site.port()

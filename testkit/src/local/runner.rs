@@ -8,7 +8,7 @@ use rustix::process::Signal;
 use tokio::process::Child;
 
 use super::data_dir;
-use super::postmaster::{self, LaunchError};
+use super::postmaster;
 use crate::bins;
 use crate::error::{HarnessError, Result};
 use crate::options::Options;
@@ -17,8 +17,6 @@ use crate::programs;
 use crate::run::{ERROR_LOG_LINES, Run, StopMode};
 use crate::site::{HOST, Site};
 
-/// How often a failed start is retried on a fresh port.
-const PORT_ATTEMPTS: usize = 8;
 /// How long the processes of a stopped or killed server may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,24 +40,19 @@ impl LocalServer {
 
     /// First start of a new data dir: on a port clash, moves to a new port.
     async fn start_fresh(mut site: Site) -> Result<LocalServer> {
-        let mut attempt = 1;
-        loop {
-            data_dir::write_config(&site)?;
-            match postmaster::launch(&site).await {
-                Ok(child) => {
-                    return Ok(LocalServer {
-                        paused: AtomicBool::new(false),
-                        postmaster: Mutex::new(Some(child)),
-                        site,
-                    });
-                }
-                Err(LaunchError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
-                    attempt += 1;
-                    site.move_to_new_port()?;
-                }
-                Err(LaunchError::PortInUse(e) | LaunchError::Other(e)) => return Err(e),
-            }
-        }
+        let postmaster = site
+            .start_on_a_free_port(|site| {
+                Box::pin(async move {
+                    data_dir::write_config(site)?;
+                    postmaster::launch(site).await
+                })
+            })
+            .await?;
+        Ok(LocalServer {
+            paused: AtomicBool::new(false),
+            postmaster: Mutex::new(Some(postmaster)),
+            site,
+        })
     }
 
     fn is_our_postmaster(&self, pid: u32) -> bool {
@@ -238,22 +231,13 @@ impl Run for LocalServer {
             return Err(HarnessError::AlreadyRunning);
         }
         self.remove_stale_lock_files();
-        let mut attempt = 1;
-        loop {
-            match postmaster::launch(&self.site).await {
-                Ok(child) => {
-                    *self.postmaster.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-                    self.paused.store(false, Ordering::SeqCst);
-                    return Ok(());
-                }
-                // Another process took the port meanwhile; it may let go.
-                Err(LaunchError::PortInUse(_)) if attempt < PORT_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(LaunchError::PortInUse(e) | LaunchError::Other(e)) => return Err(e),
-            }
-        }
+        let postmaster = self
+            .site
+            .start_on_its_port(|site| Box::pin(postmaster::launch(site)))
+            .await?;
+        *self.postmaster.lock().unwrap_or_else(|p| p.into_inner()) = Some(postmaster);
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn replica(&self) -> Result<LocalServer> {
