@@ -65,6 +65,15 @@ pub enum HarnessError {
     NotRunning,
     /// `start_again` was called while the server is running.
     AlreadyRunning,
+    /// A change of role that cannot be made on these servers as they are: promoting a server
+    /// that is not a standby, or rejoining a server as a standby of one that is itself in
+    /// recovery, of itself, or of a server on another backend.
+    Refused {
+        /// What was asked, naming the servers by port.
+        what: String,
+        /// Why it cannot be done, and what to do instead.
+        why: String,
+    },
 }
 
 impl HarnessError {
@@ -148,6 +157,7 @@ impl fmt::Display for HarnessError {
             }
             HarnessError::NotRunning => write!(f, "the PostgreSQL server is not running"),
             HarnessError::AlreadyRunning => write!(f, "the PostgreSQL server is already running"),
+            HarnessError::Refused { what, why } => write!(f, "refused {what}: {why}"),
         }
     }
 }

@@ -44,6 +44,34 @@
 //! # let _ = url; Ok(()) }
 //! ```
 //!
+//! # Roles and moving addresses
+//!
+//! Servers change roles the way a cluster's nodes do, each keeping its port:
+//! [`promote`](PgServer::promote) a standby,
+//! [`rejoin_as_standby_of`](PgServer::rejoin_as_standby_of) the new primary
+//! with the old one, or both at once with
+//! [`switchover_to`](PgServer::switchover_to); an old primary
+//! [started again](PgServer::start_again) after a promotion is a split brain.
+//! A [`FaultProxy`] in front stands for an address that moves between
+//! servers, as a DNS name or a virtual IP does:
+//! [`point_to`](FaultProxy::point_to) the new primary.
+//!
+//! ```no_run
+//! use protected_pool_testkit::{FaultProxy, PgServer, HarnessError};
+//!
+//! # async fn demo() -> Result<(), HarnessError> {
+//! let a = PgServer::start().await?;
+//! let b = PgServer::streaming_replica(&a).await?;
+//! let writer = FaultProxy::to_server(&a).await?; // the primary's address
+//! let url = a.url_via(&writer);
+//!
+//! a.kill9().await?;                  // failover
+//! b.promote().await?;
+//! writer.point_to(&b);               // the address moves with the role
+//! a.rejoin_as_standby_of(&b).await?; // a's port now reaches a standby
+//! # let _ = url; Ok(()) }
+//! ```
+//!
 //! # Binaries and users
 //!
 //! The PostgreSQL binaries come from `$PGTESTKIT_BIN_DIR` if set, else from
@@ -70,8 +98,9 @@
 //! reports it, `listen_addresses` is `*` (the port is published on 127.0.0.1
 //! only), and faults are Docker operations (`docker kill`, `pause`, `start`).
 //! [`PgServer::backend`] tells which backend a server runs on. A streaming
-//! replica needs an image whose entrypoint honours `REPLICATE_FROM`, which the
-//! local image does and the official one does not. Servers start in about
+//! replica, and an old primary rejoining as a standby (a new container on the
+//! same port), need an image whose entrypoint honours `REPLICATE_FROM`, which
+//! the local image does and the official one does not. Servers start in about
 //! 0.7 s with the local image instead of 0.2 s. Containers are labelled with the
 //! process that owns them, and removed like leftover directories.
 //!
@@ -99,19 +128,28 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backend;
 mod bins;
 mod container;
 mod error;
+mod local;
+mod options;
 mod procs;
+mod programs;
 mod proxy;
+mod run;
+mod runner;
 mod server;
+mod site;
 mod template;
 
+pub use backend::{BACKEND_ENV, Backend};
 pub use bins::BIN_DIR_ENV;
-pub use container::{BACKEND_ENV, Backend, IMAGE_ENV, IMAGE_TAG_ENV, SUPERUSER_PASSWORD};
+pub use container::{IMAGE_ENV, IMAGE_TAG_ENV, SUPERUSER_PASSWORD};
 pub use error::{HarnessError, Result};
 pub use proxy::{FaultMode, FaultProxy};
-pub use server::{APP_PASSWORD, APP_USER, PgServer, PgServerBuilder, TMPDIR_ENV};
+pub use server::{APP_PASSWORD, APP_USER, PgServer, PgServerBuilder};
+pub use site::TMPDIR_ENV;
 
 /// Same as [`PgServer::streaming_replica`].
 pub async fn streaming_replica(primary: &PgServer) -> Result<PgServer> {

@@ -8,12 +8,13 @@
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::sync::OnceCell;
 
 use crate::bins::RunAs;
 use crate::error::{HarnessError, Result};
+use crate::programs::{pg_command, run_checked};
+use crate::site::make_root_dir;
 
 /// The line appended to the template's `postgresql.conf`; the harness writes
 /// its per-server settings to that included file.
@@ -44,24 +45,20 @@ pub(crate) async fn get(bin_dir: &Path, run_as: RunAs) -> Result<&'static Templa
 }
 
 async fn build(bin_dir: &Path, run_as: RunAs) -> Result<Template> {
-    let dir = crate::server::make_root_dir(run_as, "pgtestkit-template-")?;
+    let dir = make_root_dir(run_as, "pgtestkit-template-")?;
     let data = dir.path().join("data");
-    let mut cmd = crate::server::pg_command(bin_dir, "initdb", run_as, dir.path());
-    cmd.arg("-D")
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    crate::server::run_checked(cmd, "initdb", std::time::Duration::from_secs(120)).await?;
+    let mut cmd = pg_command(bin_dir, "initdb", run_as, dir.path());
+    cmd.arg("-D").arg(&data).args([
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    ]);
+    run_checked(cmd, "initdb", std::time::Duration::from_secs(120)).await?;
 
     let mut conf = std::fs::OpenOptions::new()
         .append(true)

@@ -404,3 +404,117 @@ async fn psql_through_the_proxy() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "1");
 }
+
+/// A server on 127.0.0.1 that greets every connection with `name`, then
+/// echoes; it runs until the test's runtime ends.
+async fn greeting_server(name: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if stream.write_all(name).await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0; 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connects through `proxy` and returns the connection with the greeting it got.
+async fn greeted(proxy: &FaultProxy) -> (TcpStream, String) {
+    let mut stream = connect(proxy).await;
+    let mut greeting = [0; 1];
+    timeout(PROMPT, stream.read_exact(&mut greeting))
+        .await
+        .expect("no greeting")
+        .expect("reading the greeting failed");
+    (stream, String::from_utf8_lossy(&greeting).into_owned())
+}
+
+#[tokio::test]
+async fn retarget_sends_new_connections_to_the_new_target_and_cuts_the_old_ones() {
+    let (a, b) = (greeting_server(b"a").await, greeting_server(b"b").await);
+    let proxy = FaultProxy::start(a).await.unwrap();
+    let (mut on_a, greeting) = greeted(&proxy).await;
+    assert_eq!(greeting, "a");
+    round_trip(&mut on_a, b"hello").await;
+
+    proxy.retarget(b);
+    assert_eq!(proxy.target(), b);
+    assert!(format!("{proxy:?}").contains(&b.to_string()));
+    assert_reset(&mut on_a).await;
+    let (mut on_b, greeting) = greeted(&proxy).await;
+    assert_eq!(greeting, "b");
+    round_trip(&mut on_b, b"hello").await;
+
+    // The mode stays; a connection hanging in a blackhole is cut too, and
+    // the next one reaches the new target once the blackhole ends.
+    proxy.set_mode(FaultMode::Blackhole);
+    let mut hanging = connect(&proxy).await;
+    assert_hangs(&mut hanging).await;
+    proxy.retarget(a);
+    assert_eq!(proxy.mode(), FaultMode::Blackhole);
+    assert_reset(&mut hanging).await;
+    assert_reset(&mut on_b).await;
+    proxy.set_mode(FaultMode::Pass);
+    let (_, greeting) = greeted(&proxy).await;
+    assert_eq!(greeting, "a");
+}
+
+#[tokio::test]
+async fn point_to_moves_the_proxy_to_another_server_cutting_sessions_on_the_old_one() {
+    let (a, b) = tokio::join!(PgServer::start(), PgServer::start());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    for (pg, name) in [(&a, "a"), (&b, "b")] {
+        pg.psql(&format!("CREATE TABLE whoami AS SELECT '{name}' AS name"))
+            .await
+            .unwrap();
+    }
+    let proxy = FaultProxy::to_server(&a).await.unwrap();
+    let whoami = "SELECT name FROM whoami";
+    assert_eq!(stdout(&psql_via(&a, &proxy, whoami).await), "a");
+
+    // A session busy on a for 10 s.
+    let busy = tokio::spawn({
+        let mut cmd = a.command("psql");
+        cmd.args(["-h", "127.0.0.1", "-p", &proxy.port().to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-w"])
+            .args(["-c", "SELECT pg_sleep(10)"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        async move { cmd.output().await.unwrap() }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)'")
+        .await
+        .unwrap()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the busy session never started");
+        sleep(Duration::from_millis(10)).await;
+    }
+
+    proxy.point_to(&b);
+    assert_eq!(proxy.target(), b.addr());
+    let out = timeout(Duration::from_secs(5), busy)
+        .await
+        .expect("the session on the old server was not cut")
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the session on the old server went on"
+    );
+    assert_eq!(stdout(&psql_via(&a, &proxy, whoami).await), "b");
+}
