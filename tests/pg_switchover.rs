@@ -46,7 +46,7 @@ impl Transitions {
     }
 
     /// Transitions of `endpoint`'s `route` breaker into `to` so far.
-    fn into_state(&self, endpoint: &str, route: Route, to: State) -> usize {
+    fn entering(&self, endpoint: &str, route: Route, to: State) -> usize {
         self.0
             .lock()
             .unwrap()
@@ -119,7 +119,7 @@ async fn a_demoted_primary_behind_the_same_address_gets_no_writes_and_does_not_f
 
     // Three seconds of writes: every one lands on the new primary, none on the old one, and
     // the old primary's write breaker never closes on a standby.
-    let closed_before = transitions.into_state(PRIMARY, Route::Write, State::Closed);
+    let closed_before = transitions.entering(PRIMARY, Route::Write, State::Closed);
     let started = Instant::now();
     let mut written = Vec::new();
     let mut id = 100;
@@ -133,7 +133,7 @@ async fn a_demoted_primary_behind_the_same_address_gets_no_writes_and_does_not_f
     }
     assert_eq!(rows(&standby, &written).await, written.len());
     assert_eq!(
-        transitions.into_state(PRIMARY, Route::Write, State::Closed),
+        transitions.entering(PRIMARY, Route::Write, State::Closed),
         closed_before,
         "the write breaker of a standby closed (flapping)"
     );
