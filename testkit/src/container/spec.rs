@@ -140,11 +140,15 @@ pub(super) async fn create(spec: Spec) -> Result<ContainerAsync<Postgres>, Start
         .with_name(spec.image.as_str())
         .with_tag(spec.tag.as_str())
         .with_container_name(spec.name.as_str())
-        .with_network(network)
         .with_mapped_port(spec.port, CONTAINER_PORT.tcp())
         .with_mount(Mount::bind_mount(spec.socket_dir.as_str(), SOCKET_MOUNT))
-        // Publish on loopback only, as the local backend listens.
-        .with_host_config_modifier(|host_config: &mut HostConfig| {
+        .with_host_config_modifier(move |host_config: &mut HostConfig| {
+            // The network by id: its name may be ambiguous for a moment, when two processes
+            // created it at once. Not through `with_network`, which takes a name: given an
+            // id, testcontainers creates a network named after it, leaves it behind, and
+            // removes (by that id) the shared network when the process's containers go.
+            host_config.network_mode = Some(network.clone());
+            // Publish on loopback only, as the local backend listens.
             for binding in host_config
                 .port_bindings
                 .iter_mut()
