@@ -383,8 +383,10 @@ async fn a_cached_read_is_served_stale_from_redis_once_the_database_is_killed() 
     let fresh = item_name(&pool).await.expect("the database can serve");
     assert_eq!(*fresh, "widget-7");
     assert!(!fresh.is_stale());
-    // The write to Redis is in the background: wait until it has landed.
-    let stored = stored(&cache, "item:7:name").await;
+    // The write to Redis is in the background: wait until it has landed. The pool scopes the
+    // call's key by route and result type.
+    let key = format!("read:{}:item:7:name", std::any::type_name::<String>());
+    let stored = stored(&cache, &key).await;
     assert_eq!(stored.payload(), br#""widget-7""#);
 
     pg.kill9().await.expect("kill -9");
