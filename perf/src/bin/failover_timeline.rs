@@ -1,5 +1,6 @@
 //! Failover timeline: steady reads and writes through protected-pool while the primary is
-//! killed (-9) or hung (SIGSTOP), against the same load on a plain sqlx `PgPool`.
+//! killed (-9) or hung (SIGSTOP), against the same load on a plain sqlx `PgPool`; and while the
+//! primary is killed and its streaming standby promoted, with writes following the promotion.
 //!
 //! Every request is recorded (start, route, endpoint that served it, outcome, latency) and so is
 //! every breaker transition; the binary prints failed calls, latency percentiles before, during
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
 use protected_pool::breaker::{BreakerConfig, OpenDuration, State};
-use protected_pool::{Backend, ProtectedPool, ReadPreference, Route};
+use protected_pool::{Backend, ClusterEvent, ProtectedPool, ReadPreference, Role, Route};
 use protected_pool_perf::{
     BoxError, Flags, TABLE_ROWS, TABLE_SQL, machine_summary, percentile, register_chart_font,
     thousands, wait_quiet_as_documented,
@@ -25,20 +26,26 @@ use protected_pool_testkit::PgServer;
 use sqlx::Postgres;
 
 const USAGE: &str = "\
-usage: failover_timeline [--faults kill,pause] [--contenders protected-pool,sqlx-pgpool]
-                         [--readers N] [--writers N] [--out DIR] [--wait-quiet]
+usage: failover_timeline [--faults kill,pause,promote] [--contenders protected-pool,sqlx-pgpool]
+                         [--readers N] [--writers N] [--health-interval-ms N] [--out DIR]
+                         [--wait-quiet]
 
-  --faults       kill: kill -9 the primary at 2 s, start it again at 8 s;
-                 pause: SIGSTOP the primary at 2 s, SIGCONT it at 8 s (default both)
+  --faults       kill: kill -9 the primary at 2 s, start it again at 8 s, 12 s of load;
+                 pause: SIGSTOP the primary at 2 s, SIGCONT it at 8 s, 12 s of load;
+                 promote: kill -9 the primary at 2 s, promote the standby at 3 s
+                 (pg_promote), 8 s of load; protected-pool only (a PgPool has one host)
+                 (default kill,pause)
   --readers      reader tasks, each pausing 10 ms between reads (default 16)
   --writers      writer tasks, each pausing 10 ms between writes (default 2)
+  --health-interval-ms
+                 protected-pool's health_check_interval (default 200; the library's own
+                 default is 1000); charts and CSV files of another value than 200 are named
+                 ...-health<N>ms
   --out          where charts and CSV files go (default perf/out)
   --wait-quiet   first wait until the 1-minute load average is below 0.5 (up to 15 min)";
 
-/// When the fault starts, when it ends, when the load stops (since the load started).
+/// When the fault starts (since the load started).
 const FAULT_AT: Duration = Duration::from_secs(2);
-const RECOVER_AT: Duration = Duration::from_secs(8);
-const END_AT: Duration = Duration::from_secs(12);
 /// Pause between two calls of one task.
 const PAUSE: Duration = Duration::from_millis(10);
 
@@ -47,6 +54,8 @@ const PAUSE: Duration = Duration::from_millis(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// The SQL that promotes the standby, waiting (up to 60 s) until it takes writes.
+const PROMOTE_SQL: &str = "SELECT pg_promote(true, 60)";
 /// Slack allowed over an operation timeout for timer and scheduling delays on a shared
 /// 2-CPU machine.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(20);
@@ -66,6 +75,8 @@ fn quick(config: BreakerConfig) -> BreakerConfig {
 enum Fault {
     Kill,
     Pause,
+    /// The primary killed (-9), then its standby promoted; the old primary stays dead.
+    Promote,
 }
 
 impl Fault {
@@ -73,6 +84,7 @@ impl Fault {
         match self {
             Self::Kill => "kill",
             Self::Pause => "pause",
+            Self::Promote => "promote",
         }
     }
 
@@ -80,6 +92,7 @@ impl Fault {
         match self {
             Self::Kill => "primary killed (-9) at 2 s, started again at 8 s",
             Self::Pause => "primary hung (SIGSTOP) at 2 s, resumed (SIGCONT) at 8 s",
+            Self::Promote => "primary killed (-9) at 2 s, standby promoted at 3 s",
         }
     }
 
@@ -87,7 +100,24 @@ impl Fault {
         match name {
             "kill" => Ok(Self::Kill),
             "pause" => Ok(Self::Pause),
+            "promote" => Ok(Self::Promote),
             _ => Err(format!("no fault {name:?}\n{USAGE}").into()),
+        }
+    }
+
+    /// When the recovery (restart, SIGCONT, promotion) is issued, since the load started.
+    fn recover_at(self) -> Duration {
+        match self {
+            Self::Kill | Self::Pause => Duration::from_secs(8),
+            Self::Promote => Duration::from_secs(3),
+        }
+    }
+
+    /// When the load stops, since it started.
+    fn end_at(self) -> Duration {
+        match self {
+            Self::Kill | Self::Pause => Duration::from_secs(12),
+            Self::Promote => Duration::from_secs(8),
         }
     }
 }
@@ -152,11 +182,28 @@ struct Change {
     to: State,
 }
 
+/// An endpoint's discovered role changed (`ClusterEvent::RoleChanged`).
+#[derive(Debug, Clone)]
+struct RoleEvent {
+    /// Since the load started; `None` before it (the roles found when the pool connected).
+    at: Option<Duration>,
+    endpoint: String,
+    from: Option<Role>,
+    to: Option<Role>,
+}
+
+fn role_name(role: Option<Role>) -> &'static str {
+    role.map_or("unknown", Role::as_str)
+}
+
 /// Everything one scenario recorded.
 struct Timeline {
     fault: Fault,
     contender: Contender,
-    /// Fault issued / done, recovery issued / done (the server answers again), end.
+    /// protected-pool's `health_check_interval` in this run.
+    health_interval: Duration,
+    /// Fault issued / done, recovery issued / done (the server answers again; for a
+    /// promotion, `pg_promote` returned), end.
     fault_at: Duration,
     fault_done: Duration,
     recover_at: Duration,
@@ -164,6 +211,10 @@ struct Timeline {
     end: Duration,
     samples: Vec<Sample>,
     changes: Vec<Change>,
+    roles: Vec<RoleEvent>,
+    /// A new connection to the promoted standby with its role query (the pool asks every new
+    /// connection `pg_is_in_recovery()`), median of a few after the load: "one connect".
+    connect: Option<Duration>,
 }
 
 /// The pool under test.
@@ -237,6 +288,11 @@ fn run() -> Result<(), BoxError> {
         .collect::<Result<_, _>>()?;
     let readers: usize = flags.value("readers", 16)?;
     let writers: usize = flags.value("writers", 2)?;
+    let health_interval_ms: u64 = flags.value("health-interval-ms", 200)?;
+    if health_interval_ms == 0 {
+        return Err(format!("--health-interval-ms must be above zero\n{USAGE}").into());
+    }
+    let health_interval = Duration::from_millis(health_interval_ms);
     let out: PathBuf = flags.value(
         "out",
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/out")),
@@ -256,18 +312,37 @@ fn run() -> Result<(), BoxError> {
     println!(
         "load: {readers} readers and {writers} writers, each pausing {} ms between calls; \
          protected-pool: primary + streaming replica, ReadPreference::Primary, read/write \
-         presets with open 500 ms doubling to 2 s, timeouts read {} s / write {} s, probes \
-         every {} ms; sqlx PgPool: defaults, primary only",
+         presets with open 500 ms doubling to 2 s, timeouts read {} s / write {} s, health \
+         checks and probes every {} ms, other settings the library's defaults; sqlx PgPool: \
+         defaults, primary only",
         PAUSE.as_millis(),
         READ_TIMEOUT.as_secs(),
         WRITE_TIMEOUT.as_secs(),
-        PROBE_INTERVAL.as_millis()
+        health_interval.as_millis()
     );
     for &fault in &faults {
         for &contender in &contenders {
-            let timeline = runtime.block_on(scenario(fault, contender, readers, writers))?;
+            if fault == Fault::Promote && contender == Contender::SqlxPgPool {
+                println!(
+                    "\n## {}: {}\n\nskipped: a PgPool connects to one host and cannot follow \
+                     a promotion",
+                    contender.name(),
+                    fault.describe()
+                );
+                continue;
+            }
+            let timeline = runtime.block_on(scenario(
+                fault,
+                contender,
+                readers,
+                writers,
+                health_interval,
+            ))?;
             report(&timeline);
-            let stem = format!("failover-{}-{}", fault.name(), contender.name());
+            let mut stem = format!("failover-{}-{}", fault.name(), contender.name());
+            if health_interval != PROBE_INTERVAL {
+                write!(stem, "-health{}ms", health_interval.as_millis())?;
+            }
             let png = out.join(format!("{stem}.png"));
             render(&timeline, &png)?;
             write_csv(&timeline, &out.join(format!("{stem}.csv")))?;
@@ -282,6 +357,7 @@ async fn scenario(
     contender: Contender,
     readers: usize,
     writers: usize,
+    health_interval: Duration,
 ) -> Result<Timeline, BoxError> {
     println!(
         "\n## {}: {}\n\nstarting a primary and a streaming replica ...",
@@ -300,8 +376,10 @@ async fn scenario(
         .map_err(|error| format!("starting the replica: {error}"))?;
 
     let changes: Arc<Mutex<Vec<(Instant, Change)>>> = Arc::default();
+    let roles: Arc<Mutex<Vec<(Instant, RoleEvent)>>> = Arc::default();
     let client = match contender {
         Contender::ProtectedPool => {
+            let sink = roles.clone();
             let pool: ProtectedPool = ProtectedPool::builder()
                 .primary(primary.url())
                 .replica(replica.url())
@@ -310,7 +388,20 @@ async fn scenario(
                 .breaker(Route::Write, quick(BreakerConfig::write()))
                 .timeout(Route::Read, READ_TIMEOUT)
                 .timeout(Route::Write, WRITE_TIMEOUT)
-                .health_check_interval(PROBE_INTERVAL)
+                .health_check_interval(health_interval)
+                .on_cluster_event(move |event: &ClusterEvent| {
+                    if let ClusterEvent::RoleChanged(change) = event {
+                        let role = RoleEvent {
+                            at: None,
+                            endpoint: change.endpoint.to_string(),
+                            from: change.from,
+                            to: change.to,
+                        };
+                        sink.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push((Instant::now(), role));
+                    }
+                })
                 .connect()
                 .await?;
             let sink = changes.clone();
@@ -382,18 +473,27 @@ async fn scenario(
     tokio::time::sleep_until((started + FAULT_AT).into()).await;
     let fault_at = started.elapsed();
     match fault {
-        Fault::Kill => primary.kill9().await?,
+        Fault::Kill | Fault::Promote => primary.kill9().await?,
         Fault::Pause => primary.pause()?,
     }
     let fault_done = started.elapsed();
-    tokio::time::sleep_until((started + RECOVER_AT).into()).await;
+    tokio::time::sleep_until((started + fault.recover_at()).into()).await;
     let recover_at = started.elapsed();
     match fault {
         Fault::Kill => primary.start_again().await?,
         Fault::Pause => primary.resume()?,
+        Fault::Promote => {
+            let promoted = replica
+                .psql(PROMOTE_SQL)
+                .await
+                .map_err(|error| format!("promoting the standby: {error}"))?;
+            if promoted != "t" {
+                return Err(format!("{PROMOTE_SQL} returned {promoted:?}, not t").into());
+            }
+        }
     }
     let recover_done = started.elapsed();
-    tokio::time::sleep_until((started + END_AT).into()).await;
+    tokio::time::sleep_until((started + fault.end_at()).into()).await;
     stop.store(true, Ordering::Relaxed);
     let mut samples = Vec::new();
     for task in tasks {
@@ -411,14 +511,26 @@ async fn scenario(
             ..change
         })
         .collect();
+    let roles = std::mem::take(&mut *roles.lock().unwrap_or_else(PoisonError::into_inner))
+        .into_iter()
+        .map(|(at, role)| RoleEvent {
+            at: at.checked_duration_since(started),
+            ..role
+        })
+        .collect();
     match client {
         Client::Protected(pool) => pool.close(),
         Client::Sqlx(pool) => pool.close().await,
     }
+    let connect = match fault {
+        Fault::Promote => Some(connect_time(&replica.url()).await?),
+        Fault::Kill | Fault::Pause => None,
+    };
     drop((replica, primary));
     Ok(Timeline {
         fault,
         contender,
+        health_interval,
         fault_at,
         fault_done,
         recover_at,
@@ -426,7 +538,30 @@ async fn scenario(
         end,
         samples,
         changes,
+        roles,
+        connect,
     })
+}
+
+/// The median time of 5 new connections to `url`, each with the role query the pool runs on
+/// every new connection.
+async fn connect_time(url: &str) -> Result<Duration, BoxError> {
+    use sqlx::Connection as _;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut connection = sqlx::PgConnection::connect(url).await?;
+        let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+            .fetch_one(&mut connection)
+            .await?;
+        times.push(started.elapsed());
+        if in_recovery {
+            return Err("the promoted standby still says it is in recovery".into());
+        }
+        connection.close().await?;
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
 }
 
 // ---- the print-out ---------------------------------------------------------------------------
@@ -502,19 +637,156 @@ fn target(met: bool, what: String) -> String {
     format!("{}  {what}", if met { "PASS" } else { "MISS" })
 }
 
+/// When writes succeeded again after a promotion: the first successful write's start (where
+/// the outage ends), and the first return of a successful write.
+#[derive(Debug, Clone, Copy)]
+struct Resumed {
+    started: Duration,
+    returned: Duration,
+}
+
+/// `to - from`, signed: `-12.3 ms` when `to` came first.
+fn signed(to: Duration, from: Duration) -> String {
+    if to >= from {
+        ms(to - from)
+    } else {
+        format!("-{}", ms(from - to))
+    }
+}
+
+/// The promotion's figures: when the pool found the new primary, the time from the promotion
+/// to the first write that succeeded, write latency around it. Returns its target line.
+fn promotion_report(timeline: &Timeline, resumed: Option<Resumed>) -> Vec<String> {
+    let samples = &timeline.samples;
+    let (fault_at, issued, returned) = (
+        timeline.fault_at,
+        timeline.recover_at,
+        timeline.recover_done,
+    );
+    println!(
+        "\npromotion: pg_promote issued at {:.3} s, returned at {:.3} s ({} later)",
+        issued.as_secs_f64(),
+        returned.as_secs_f64(),
+        ms(returned.saturating_sub(issued))
+    );
+    // The server itself, through the load: the first read after the kill that a primary
+    // answered (pg_promote checks every 100 ms whether the promotion is done, so it returns
+    // up to that long after the standby takes writes).
+    let answered = samples
+        .iter()
+        .filter(|s| {
+            s.route == Route::Read
+                && s.at >= timeline.fault_done
+                && s.outcome == Outcome::Ok(Served::Primary)
+        })
+        .min_by_key(|s| s.at + s.latency);
+    if let Some(read) = answered {
+        println!(
+            "first read after the kill answered by a primary (the promoted standby): started \
+             {:.3} s, returned {:.3} s ({} after pg_promote was issued)",
+            read.at.as_secs_f64(),
+            (read.at + read.latency).as_secs_f64(),
+            signed(read.at, issued)
+        );
+    }
+    let found = timeline.roles.iter().find_map(|role| {
+        role.at
+            .filter(|&at| at >= fault_at && role.to == Some(Role::Primary))
+            .map(|at| (at, role))
+    });
+    match found {
+        Some((at, role)) => println!(
+            "{} found to be the primary at {:.3} s: {} after pg_promote returned, {} after \
+             it was issued",
+            role.endpoint,
+            at.as_secs_f64(),
+            signed(at, returned),
+            signed(at, issued)
+        ),
+        None => println!("no endpoint was found to be the primary after the kill"),
+    }
+    let Some(first) = resumed else {
+        println!("no write started after the kill succeeded");
+        return vec![target(
+            false,
+            "writes succeed again within health_check_interval + one connect after the \
+             promotion: none did"
+                .to_owned(),
+        )];
+    };
+    let done = first.returned;
+    println!(
+        "writes started after the kill succeed again: the first started at {:.3} s, the first \
+         returned at {:.3} s",
+        first.started.as_secs_f64(),
+        done.as_secs_f64()
+    );
+    println!(
+        "promotion -> first successful write returned: {} after pg_promote returned, {} after \
+         it was issued{}",
+        signed(done, returned),
+        signed(done, issued),
+        answered.map_or_else(String::new, |read| format!(
+            ", {} after the first read answered by the promoted standby started",
+            signed(done, read.at)
+        ))
+    );
+    println!("\n| writes started | ok / failed / refused | p50 / p99 / max |");
+    println!("|---|---|---|");
+    for (name, from, to) in [
+        ("before the kill", Duration::ZERO, fault_at),
+        ("kill -> first success", fault_at, first.started),
+        ("first success -> end", first.started, timeline.end),
+    ] {
+        let keep = |s: &Sample| s.route == Route::Write && s.at >= from && s.at < to;
+        let count = |outcome: fn(&Outcome) -> bool| {
+            thousands(
+                samples
+                    .iter()
+                    .filter(|s| keep(s) && outcome(&s.outcome))
+                    .count() as u64,
+            )
+        };
+        println!(
+            "| {name} ({:.3}-{:.3} s) | {} / {} / {} | {} |",
+            from.as_secs_f64(),
+            to.as_secs_f64(),
+            count(|o| matches!(o, Outcome::Ok(_))),
+            count(|o| matches!(o, Outcome::Failed(_))),
+            count(|o| *o == Outcome::CircuitOpen),
+            latencies(samples, keep).0
+        );
+    }
+    let connect = timeline.connect.unwrap_or_default();
+    let bound = timeline.health_interval + connect;
+    vec![target(
+        done <= returned + bound,
+        format!(
+            "writes succeed again within health_check_interval + one connect ({} + {} = {}) \
+             after the promotion: {} after pg_promote returned ({} after it was issued)",
+            ms(timeline.health_interval),
+            ms(connect),
+            ms(bound),
+            signed(done, returned),
+            signed(done, issued)
+        ),
+    )]
+}
+
 fn report(timeline: &Timeline) {
     let samples = &timeline.samples;
     let (fault_at, recover_done) = (timeline.fault_at, timeline.recover_done);
     let reads = |s: &Sample| s.route == Route::Read;
     let writes = |s: &Sample| s.route == Route::Write;
     let count = |keep: &dyn Fn(&Sample) -> bool| samples.iter().filter(|s| keep(s)).count() as u64;
-    let (fault_word, recover_word) = match timeline.fault {
-        Fault::Kill => ("kill -9", "restart"),
-        Fault::Pause => ("SIGSTOP", "SIGCONT"),
+    let (fault_word, recover_word, recovered) = match timeline.fault {
+        Fault::Kill => ("kill -9", "restart", "server answering"),
+        Fault::Pause => ("SIGSTOP", "SIGCONT", "server answering"),
+        Fault::Promote => ("kill -9", "pg_promote", "returned"),
     };
     println!(
         "{fault_word} issued at {:.3} s (done {:.3} s), {recover_word} issued at {:.3} s \
-         (server answering at {:.3} s), load stopped at {:.3} s",
+         ({recovered} at {:.3} s), load stopped at {:.3} s",
         fault_at.as_secs_f64(),
         timeline.fault_done.as_secs_f64(),
         timeline.recover_at.as_secs_f64(),
@@ -567,12 +839,31 @@ fn report(timeline: &Timeline) {
         println!("failures by class: {}", list.join(", "));
     }
 
+    // After a promotion the outage ends when writes succeed again, among those started once
+    // the old primary was dead (writes started while the harness was still killing it may
+    // have been answered by it).
+    let resumed = {
+        let succeeded = || {
+            samples.iter().filter(|s| {
+                writes(s) && s.at >= timeline.fault_done && matches!(s.outcome, Outcome::Ok(_))
+            })
+        };
+        succeeded()
+            .map(|s| s.at)
+            .min()
+            .zip(succeeded().map(|s| s.at + s.latency).min())
+            .map(|(started, returned)| Resumed { started, returned })
+    };
+    let outage_end = match timeline.fault {
+        Fault::Kill | Fault::Pause => recover_done,
+        Fault::Promote => resumed.map_or(timeline.end, |r| r.started),
+    };
     println!("\n| phase | reads p50 / p99 / max | writes p50 / p99 / max |");
     println!("|---|---|---|");
     let phases = [
         ("before", Duration::ZERO, fault_at),
-        ("outage", fault_at, recover_done),
-        ("after", recover_done, timeline.end),
+        ("outage", fault_at, outage_end),
+        ("after", outage_end, timeline.end),
     ];
     let mut outage_reads = Vec::new();
     for (name, from, to) in phases {
@@ -605,7 +896,7 @@ fn report(timeline: &Timeline) {
     let (read_closed_after, write_closed_after) =
         (last_close(Route::Read), last_close(Route::Write));
     let bounds = [Route::Read, Route::Write]
-        .map(|route| open_duration_at(timeline, route, recover_done) + PROBE_INTERVAL);
+        .map(|route| open_duration_at(timeline, route, recover_done) + timeline.health_interval);
     let protected = timeline.contender == Contender::ProtectedPool;
     if protected {
         // When the fault first showed: the first call of each route that did not get its
@@ -631,14 +922,29 @@ fn report(timeline: &Timeline) {
             show(read_open_after),
             show(write_open_after)
         );
-        println!(
-            "{recover_word} (server answering) -> primary breakers closed: read {}, write {} \
-             (bounds: open duration in force + one probe interval = {} / {})",
-            show(read_closed_after),
-            show(write_closed_after),
-            ms(bounds[0]),
-            ms(bounds[1])
-        );
+        if timeline.fault != Fault::Promote {
+            println!(
+                "{recover_word} (server answering) -> primary breakers closed: read {}, write \
+                 {} (bounds: open duration in force + one probe interval = {} / {})",
+                show(read_closed_after),
+                show(write_closed_after),
+                ms(bounds[0]),
+                ms(bounds[1])
+            );
+        }
+        println!("role changes:");
+        for role in &timeline.roles {
+            let at = role.at.map_or_else(
+                || "connect".to_owned(),
+                |at| format!("{:.3} s", at.as_secs_f64()),
+            );
+            println!(
+                "  {at:>9}  {} is {} (was {})",
+                role.endpoint,
+                role_name(role.to),
+                role_name(role.from)
+            );
+        }
         println!("breaker transitions:");
         for change in &timeline.changes {
             println!(
@@ -656,11 +962,27 @@ fn report(timeline: &Timeline) {
         Contender::ProtectedPool => "",
         Contender::SqlxPgPool => " (baseline; the targets are protected-pool's)",
     };
+    let promotion_targets = match timeline.fault {
+        Fault::Promote => promotion_report(timeline, resumed),
+        Fault::Kill | Fault::Pause => Vec::new(),
+    };
     println!("\ntargets{label}:");
     // A read refused by every breaker failed as much as one that reached a dead server.
     let failed_reads = count(&|s| reads(s) && !matches!(s.outcome, Outcome::Ok(_)));
     let mut lines = Vec::new();
     match timeline.fault {
+        Fault::Promote => {
+            lines.extend(promotion_targets);
+            lines.push(target(
+                failed_reads == 0,
+                format!("0 failed reads: {}", thousands(failed_reads)),
+            ));
+            let outage_p99 = percentile(&outage_reads, 99.0);
+            lines.push(format!(
+                "INFO  p99 read latency from the kill to the first write that succeeded: {}",
+                show(outage_p99)
+            ));
+        }
         Fault::Kill => {
             lines.push(target(
                 failed_reads == 0,
@@ -779,6 +1101,9 @@ fn report(timeline: &Timeline) {
 /// One kind of point on the chart.
 struct Series {
     label: &'static str,
+    /// Another label for the promotion scenario, where "the primary" is first one server and
+    /// then the other.
+    promoted_label: Option<&'static str>,
     color: RGBColor,
     read: bool,
     keep: fn(&Sample) -> bool,
@@ -787,42 +1112,49 @@ struct Series {
 const SERIES: [Series; 7] = [
     Series {
         label: "read served by the primary",
+        promoted_label: Some("read served by the primary (old, then promoted)"),
         color: RGBColor(31, 119, 180),
         read: true,
         keep: |s| s.route == Route::Read && s.outcome == Outcome::Ok(Served::Primary),
     },
     Series {
         label: "read served by the replica",
+        promoted_label: None,
         color: RGBColor(44, 160, 44),
         read: true,
         keep: |s| s.route == Route::Read && s.outcome == Outcome::Ok(Served::Replica),
     },
     Series {
         label: "read failed",
+        promoted_label: None,
         color: RGBColor(214, 39, 40),
         read: true,
         keep: |s| s.route == Route::Read && matches!(s.outcome, Outcome::Failed(_)),
     },
     Series {
         label: "read refused (all breakers open)",
+        promoted_label: None,
         color: RGBColor(255, 127, 14),
         read: true,
         keep: |s| s.route == Route::Read && s.outcome == Outcome::CircuitOpen,
     },
     Series {
         label: "write ok",
+        promoted_label: Some("write ok (old, then promoted primary)"),
         color: RGBColor(148, 103, 189),
         read: false,
         keep: |s| s.route == Route::Write && matches!(s.outcome, Outcome::Ok(_)),
     },
     Series {
         label: "write failed",
+        promoted_label: None,
         color: RGBColor(140, 20, 20),
         read: false,
         keep: |s| s.route == Route::Write && matches!(s.outcome, Outcome::Failed(_)),
     },
     Series {
         label: "write refused (breaker open)",
+        promoted_label: None,
         color: RGBColor(230, 171, 2),
         read: false,
         keep: |s| s.route == Route::Write && s.outcome == Outcome::CircuitOpen,
@@ -860,7 +1192,10 @@ fn draw(timeline: &Timeline, pixels: &mut [u8]) -> Result<(), BoxError> {
         .map(|s| s.latency.as_secs_f64() * 1000.0)
         .fold(1.0, f64::max);
     let (y_min, y_max) = (0.001, (longest_ms * 3.0).max(3_000.0));
-    let x_max = timeline.end.as_secs_f64().max(END_AT.as_secs_f64());
+    let x_max = timeline
+        .end
+        .as_secs_f64()
+        .max(timeline.fault.end_at().as_secs_f64());
     let title = format!(
         "{}: {} ({} reads, {} writes)",
         timeline.contender.name(),
@@ -948,7 +1283,11 @@ fn draw(timeline: &Timeline, pixels: &mut [u8]) -> Result<(), BoxError> {
         let color = series.color;
         // Opaque: the PNG stays small enough to keep in the repository.
         let style = color.filled();
-        let label = format!("{} ({})", series.label, thousands(points.len() as u64));
+        let name = match (timeline.fault, series.promoted_label) {
+            (Fault::Promote, Some(name)) => name,
+            _ => series.label,
+        };
+        let label = format!("{name} ({})", thousands(points.len() as u64));
         if series.read {
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 2, style)))
@@ -964,39 +1303,100 @@ fn draw(timeline: &Timeline, pixels: &mut [u8]) -> Result<(), BoxError> {
         }
     }
 
-    // Fault and recovery.
-    let (fault_label, recover_label) = match timeline.fault {
-        Fault::Kill => ("primary killed (-9)", "primary started again"),
-        Fault::Pause => ("primary hung (SIGSTOP)", "primary resumed (SIGCONT)"),
-    };
-    for (at, label, color) in [
-        (timeline.fault_at, fault_label, RGBColor(0, 0, 0)),
-        (timeline.recover_done, recover_label, RGBColor(0, 90, 0)),
-    ] {
+    // Fault and recovery; for a promotion also a thin line where pg_promote was issued (it
+    // returns once the standby takes writes).
+    let (dark, green) = (RGBColor(0, 0, 0), RGBColor(0, 90, 0));
+    let mut marks = vec![(
+        timeline.fault_at,
+        match timeline.fault {
+            Fault::Kill | Fault::Promote => "primary killed (-9)",
+            Fault::Pause => "primary hung (SIGSTOP)",
+        },
+        dark,
+        3,
+    )];
+    match timeline.fault {
+        Fault::Kill => marks.push((timeline.recover_done, "primary started again", green, 3)),
+        Fault::Pause => marks.push((timeline.recover_done, "primary resumed (SIGCONT)", green, 3)),
+        Fault::Promote => marks.extend([
+            (timeline.recover_at, "pg_promote issued", green, 1),
+            (
+                timeline.recover_done,
+                "standby promoted (pg_promote returned)",
+                green,
+                3,
+            ),
+        ]),
+    }
+    for (at, label, color, width) in marks {
         let x = at.as_secs_f64();
         chart
             .draw_series(LineSeries::new(
                 [(x, y_min), (x, y_max)],
-                color.stroke_width(3),
+                color.stroke_width(width),
             ))
             .map_err(|e| draw_error(&e))?
             .label(format!("{label} at {x:.2} s"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width))
+            });
     }
 
-    // Breaker transitions on the primary: colour by new state, solid for the read breaker,
-    // dashed for the write breaker, each kind labelled once.
+    // Roles the pool discovered while the load ran (promotion only): dotted, full height.
+    for role in timeline
+        .roles
+        .iter()
+        .filter(|_| timeline.fault == Fault::Promote)
+    {
+        let Some(at) = role.at else { continue };
+        let x = at.as_secs_f64();
+        let color = match role.to {
+            Some(Role::Primary) => RGBColor(23, 190, 207),
+            Some(Role::Replica) => RGBColor(127, 127, 127),
+            None => RGBColor(188, 189, 34),
+        };
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(x, y_min), (x, y_max)],
+                2,
+                3,
+                color.stroke_width(2),
+            ))
+            .map_err(|e| draw_error(&e))?
+            .label(format!(
+                "pool: {} is {} at {x:.2} s (health checks every {} ms)",
+                role.endpoint,
+                role_name(role.to),
+                timeline.health_interval.as_millis()
+            ))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+
+    // Breaker transitions (on the primary; on any endpoint after a promotion): colour by new
+    // state, solid for the read breaker, dashed for the write breaker, each kind labelled once.
     let state_color = |state: State| match state {
         State::Open | State::ForcedOpen => RGBColor(214, 39, 40),
         State::HalfOpen => RGBColor(255, 160, 0),
         State::Closed | State::Disabled => RGBColor(44, 160, 44),
     };
-    let mut labelled: Vec<(Route, State)> = Vec::new();
-    for change in timeline.changes.iter().filter(|c| c.endpoint == "primary") {
+    let mut labelled: Vec<(&str, Route, State)> = Vec::new();
+    for change in timeline
+        .changes
+        .iter()
+        .filter(|c| timeline.fault == Fault::Promote || c.endpoint == "primary")
+    {
         let x = change.at.as_secs_f64();
         let color = state_color(change.to);
-        let first = !labelled.contains(&(change.route, change.to));
-        let label = format!("{} breaker -> {}", change.route, change.to);
+        let key = (change.endpoint.as_str(), change.route, change.to);
+        let first = !labelled.contains(&key);
+        let label = if timeline.fault == Fault::Promote {
+            format!(
+                "{} {} breaker -> {}",
+                change.endpoint, change.route, change.to
+            )
+        } else {
+            format!("{} breaker -> {}", change.route, change.to)
+        };
         // Read lines span the upper part of the chart, write lines the lower part, so the two
         // kinds stay apart when they coincide.
         let (low, high) = if change.route == Route::Read {
@@ -1022,7 +1422,7 @@ fn draw(timeline: &Timeline, pixels: &mut [u8]) -> Result<(), BoxError> {
                 .map_err(|e| draw_error(&e))?
         };
         if first {
-            labelled.push((change.route, change.to));
+            labelled.push(key);
             let read = change.route == Route::Read;
             annotation.label(label).legend(move |(x, y)| {
                 if read {
@@ -1073,6 +1473,18 @@ fn write_csv(timeline: &Timeline, path: &Path) -> Result<(), BoxError> {
             c.endpoint,
             c.from,
             c.to
+        )?;
+    }
+    text.push_str("# role changes: t_s (empty: when the pool connected),endpoint,from,to\n");
+    for role in &timeline.roles {
+        writeln!(
+            text,
+            "# {},{},{},{}",
+            role.at
+                .map_or_else(String::new, |at| format!("{:.6}", at.as_secs_f64())),
+            role.endpoint,
+            role_name(role.from),
+            role_name(role.to)
         )?;
     }
     std::fs::write(path, text).map_err(|error| format!("writing {}: {error}", path.display()))?;
