@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::{Database, Executor, Postgres, Sqlite};
 
 use crate::classify::{self, ErrorClass};
-use crate::endpoint::{Observed, Role};
+use crate::role::{Observed, Role};
 use crate::route::Route;
 
 mod sealed {

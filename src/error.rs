@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::breaker::Rejected;
 use crate::classify::ErrorClass;
-use crate::endpoint::Role;
 use crate::problem::ConfigError;
+use crate::role::Role;
 use crate::route::Route;
 
 /// `Result` with this crate's [`Error`].

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::breaker::{BreakerSnapshot, State};
-use crate::endpoint::{PoolStatus, Role};
+use crate::endpoint::PoolStatus;
+use crate::role::Role;
 use crate::route::Route;
 
 /// How well the pool can serve calls right now.

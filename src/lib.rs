@@ -13,6 +13,7 @@ pub mod fallback;
 mod health;
 mod pool;
 mod problem;
+mod role;
 mod route;
 mod router;
 pub mod telemetry;
@@ -20,7 +21,7 @@ pub mod telemetry;
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use config::PoolConfig;
-pub use endpoint::{EndpointOptions, PoolStatus, Role, RoleChange};
+pub use endpoint::{EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
@@ -28,6 +29,7 @@ pub use pool::{
     Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, PoolBuilder,
     PoolStateChange, ProtectedPool, RoutableQuery, Routed,
 };
+pub use role::Role;
 pub use route::{Route, RouteConfig, UnknownRoute};
 pub use router::{ReadPreference, ReplicaSelection};
 pub use sqlx::{Postgres, Sqlite};

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::endpoint::{Endpoint, Role};
+use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::role::Role;
 use crate::route::Route;
 
 /// Where reads go.

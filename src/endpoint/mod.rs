@@ -19,13 +19,13 @@ pub(crate) use options::duration_problem;
 
 use crate::backend::Backend;
 use crate::breaker::{CircuitBreaker, State};
+use crate::role::Role;
 use crate::route::Route;
 use crate::telemetry::RouteMetrics;
 pub(crate) use checkout::Checkout;
 pub(crate) use manager::{ConnectionManager, PooledConnection};
-pub(crate) use role::Observed;
+pub use role::RoleChange;
 pub(crate) use role::RoleState;
-pub use role::{Role, RoleChange};
 
 /// Connection counts of one endpoint's pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

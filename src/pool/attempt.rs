@@ -18,8 +18,9 @@ use super::operation::Operation;
 use crate::backend::Backend;
 use crate::breaker::{Outcome, Permit};
 use crate::classify::ErrorClass;
-use crate::endpoint::{Checkout, Endpoint, Role};
+use crate::endpoint::{Checkout, Endpoint};
 use crate::error::{Error, Result};
+use crate::role::Role;
 use crate::route::Route;
 
 /// Slack given to the outer bound on getting a connection, so that when nothing was being

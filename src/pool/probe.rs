@@ -24,8 +24,9 @@ use super::PoolInner;
 use super::attempt::{endpoint_error, judge};
 use crate::backend::Backend;
 use crate::breaker::{Outcome, State};
-use crate::endpoint::{Endpoint, Role};
+use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::role::Role;
 use crate::route::Route;
 
 /// Shortest sleep between rounds, so a half-open breaker whose trial slots are all taken by

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 
 use serde::Serialize;
 
-use crate::endpoint::{Role, RoleChange, RoleState};
+use crate::endpoint::{RoleChange, RoleState};
+use crate::role::Role;
 use crate::telemetry;
 
 /// A change in what the pool knows of its cluster.

@@ -22,10 +22,11 @@ use crate::breaker::BreakerConfig;
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::config::PoolConfig;
-use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions, Role};
+use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions};
 use crate::error::Result;
 use crate::fallback::{FallbackContext, RouteFallbacks};
 use crate::problem::ConfigProblem;
+use crate::role::Role;
 use crate::route::{Route, RouteConfig};
 use crate::router::{ReadPreference, ReplicaSelection, Router};
 
