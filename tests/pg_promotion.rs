@@ -3,40 +3,21 @@
 //! runs twice; a standby promoted while the primary still runs (split brain) gets no write,
 //! and neither does the old primary, until one of them steps down.
 
+#[path = "support/roles.rs"]
+mod roles;
 #[path = "support/scenario.rs"]
 mod scenario;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protected_pool::breaker::BreakerConfig;
-use protected_pool::{
-    ClusterEvent, EndpointOptions, Error, PoolBuilder, Postgres, ProtectedPool, Role, Route,
-};
+use protected_pool::{ClusterEvent, Error, Role};
 use protected_pool_testkit::PgServer;
-use scenario::{eventually, guarded, ms, quick};
-
-const PRIMARY: &str = "primary";
-const STANDBY: &str = "replica-1";
-const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// A primary with the table writes go to, and its streaming standby.
-async fn primary_and_standby() -> (PgServer, PgServer) {
-    let primary = PgServer::start().await.expect("start the primary");
-    primary
-        .psql("CREATE TABLE writes (id bigint PRIMARY KEY); CHECKPOINT")
-        .await
-        .expect("create the table");
-    let standby = PgServer::streaming_replica(&primary)
-        .await
-        .expect("start a streaming standby");
-    assert_eq!(
-        standby.psql("SELECT pg_is_in_recovery()").await.unwrap(),
-        "t"
-    );
-    (primary, standby)
-}
+use roles::{
+    CONNECT_TIMEOUT, HEALTH_INTERVAL, PRIMARY, STANDBY, first_accepted_write, pool_on,
+    primary_and_standby, write,
+};
+use scenario::{eventually, guarded};
 
 /// Every cluster event the pool reports.
 #[derive(Clone, Default)]
@@ -53,28 +34,6 @@ impl Events {
     }
 }
 
-fn pool_on(primary: &PgServer, standby: &PgServer, events: &Events) -> PoolBuilder<Postgres> {
-    ProtectedPool::<Postgres>::builder()
-        .primary(primary.url())
-        .replica(standby.url())
-        .breaker(Route::Read, quick(BreakerConfig::read()))
-        .breaker(Route::Write, quick(BreakerConfig::write()))
-        .timeout(Route::Write, Duration::from_secs(2))
-        .endpoint_options(EndpointOptions {
-            connect_timeout: CONNECT_TIMEOUT,
-            ..EndpointOptions::default()
-        })
-        .health_check_interval(HEALTH_INTERVAL)
-        .on_cluster_event(events.listener())
-}
-
-async fn write(pool: &ProtectedPool, id: i64) -> Result<(), Error> {
-    pool.write(sqlx::query("INSERT INTO writes (id) VALUES ($1)").bind(id))
-        .execute()
-        .await
-        .map(drop)
-}
-
 async fn count(server: &PgServer, since: i64) -> i64 {
     server
         .psql(&format!("SELECT count(*) FROM writes WHERE id >= {since}"))
@@ -88,7 +47,8 @@ async fn count(server: &PgServer, since: i64) -> i64 {
 async fn writes_follow_a_promoted_standby_without_a_restart() {
     let (primary, standby) = primary_and_standby().await;
     let events = Events::default();
-    let pool = pool_on(&primary, &standby, &events)
+    let pool = pool_on(primary.url(), standby.url())
+        .on_cluster_event(events.listener())
         .connect()
         .await
         .expect("connect");
@@ -109,23 +69,16 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
         .await
         .expect("promote the standby");
     // Writes keep coming, one id each; the first to succeed after the promotion is timed.
-    let mut id = 100;
-    let first_success = loop {
-        assert!(
-            promoted.elapsed() < Duration::from_secs(10),
-            "no write succeeded 10 s after the promotion; events: {:#?}; health: {:#?}",
-            events.all(),
-            pool.health()
-        );
-        id += 1;
-        if guarded("a write after the promotion", write(&pool, id))
-            .await
-            .is_ok()
-        {
-            break promoted.elapsed();
-        }
-        tokio::time::sleep(ms(20)).await;
-    };
+    let id = first_accepted_write(&pool, 100, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no write succeeded 10 s after the promotion; events: {:#?}; health: {:#?}",
+                events.all(),
+                pool.health()
+            )
+        });
+    let first_success = promoted.elapsed();
     // The health loop asks every interval; one connect to the new primary, and some slack for
     // the promotion's own end (pg_promote waits for it).
     let bound = HEALTH_INTERVAL + CONNECT_TIMEOUT + Duration::from_secs(1);
@@ -164,7 +117,8 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
 async fn two_primaries_get_no_write_until_one_steps_down() {
     let (primary, standby) = primary_and_standby().await;
     let events = Events::default();
-    let pool = pool_on(&primary, &standby, &events)
+    let pool = pool_on(primary.url(), standby.url())
+        .on_cluster_event(events.listener())
         .connect()
         .await
         .expect("connect");
@@ -202,18 +156,9 @@ async fn two_primaries_get_no_write_until_one_steps_down() {
 
     // The old primary steps down (stopped): the new one takes the writes.
     primary.stop_fast().await.expect("stop the old primary");
-    let stepped_down = Instant::now();
-    let mut id = 100;
-    let resumed = loop {
-        id += 1;
-        if write(&pool, id).await.is_ok() {
-            break true;
-        }
-        if stepped_down.elapsed() > Duration::from_secs(10) {
-            break false;
-        }
-        tokio::time::sleep(ms(20)).await;
-    };
+    let resumed = first_accepted_write(&pool, 100, Duration::from_secs(10))
+        .await
+        .is_some();
     assert!(resumed, "writes did not resume: {:#?}", events.all());
     assert!(
         events

@@ -3,6 +3,8 @@
 //! flap; a switchover under load fails no read, and writes pause only while no server is the
 //! primary.
 
+#[path = "support/roles.rs"]
+mod roles;
 #[path = "support/scenario.rs"]
 mod scenario;
 
@@ -11,29 +13,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use protected_pool::breaker::{BreakerConfig, State};
-use protected_pool::{
-    EndpointOptions, Error, PoolBuilder, PoolStateChange, Postgres, ProtectedPool, Role, Route,
-};
+use protected_pool::breaker::State;
+use protected_pool::{PoolStateChange, Role, Route};
 use protected_pool_testkit::{FaultProxy, PgServer};
-use scenario::{eventually, guarded, ms, quick};
-
-const PRIMARY: &str = "primary";
-const STANDBY: &str = "replica-1";
-const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-async fn primary_and_standby() -> (PgServer, PgServer) {
-    let primary = PgServer::start().await.expect("start the primary");
-    primary
-        .psql("CREATE TABLE writes (id bigint PRIMARY KEY); CHECKPOINT")
-        .await
-        .expect("create the table");
-    let standby = PgServer::streaming_replica(&primary)
-        .await
-        .expect("start a streaming standby");
-    (primary, standby)
-}
+use roles::{
+    CONNECT_TIMEOUT, HEALTH_INTERVAL, PRIMARY, STANDBY, pool_on, primary_and_standby, write,
+};
+use scenario::{eventually, guarded, ms};
 
 /// Every breaker transition, for counting.
 #[derive(Clone, Default)]
@@ -54,28 +40,6 @@ impl Transitions {
             .filter(|c| &*c.endpoint == endpoint && c.route == route && c.change.to == to)
             .count()
     }
-}
-
-fn pool_on(primary_url: String, standby_url: String) -> PoolBuilder<Postgres> {
-    ProtectedPool::<Postgres>::builder()
-        .primary(primary_url)
-        .replica(standby_url)
-        .breaker(Route::Read, quick(BreakerConfig::read()))
-        .breaker(Route::Write, quick(BreakerConfig::write()))
-        .timeout(Route::Write, Duration::from_secs(2))
-        .timeout(Route::Read, Duration::from_secs(2))
-        .endpoint_options(EndpointOptions {
-            connect_timeout: CONNECT_TIMEOUT,
-            ..EndpointOptions::default()
-        })
-        .health_check_interval(HEALTH_INTERVAL)
-}
-
-async fn write(pool: &ProtectedPool, id: i64) -> Result<(), Error> {
-    pool.write(sqlx::query("INSERT INTO writes (id) VALUES ($1)").bind(id))
-        .execute()
-        .await
-        .map(drop)
 }
 
 async fn rows(server: &PgServer, ids: &[i64]) -> usize {
