@@ -49,8 +49,6 @@ pub(crate) struct Endpoint<DB: Backend> {
     pub(crate) index: usize,
     /// The role it was declared with: what it is taken for until its server says otherwise.
     pub(crate) hint: Role,
-    /// The role its server last reported.
-    roles: Arc<RoleState>,
     pool: Pool<ConnectionManager<DB>>,
     breakers: [CircuitBreaker; 3],
     metrics: [RouteMetrics; 3],
@@ -95,7 +93,6 @@ impl<DB: Backend> Endpoint<DB> {
         breakers: [CircuitBreaker; 3],
         wakeup: Arc<tokio::sync::Notify>,
     ) -> Self {
-        let roles = manager.roles().clone();
         let pool = Pool::builder(manager)
             .max_size(options.max_connections)
             .timeouts(Timeouts {
@@ -112,7 +109,6 @@ impl<DB: Backend> Endpoint<DB> {
             name,
             index,
             hint,
-            roles,
             pool,
             breakers,
             metrics,
@@ -125,7 +121,7 @@ impl<DB: Backend> Endpoint<DB> {
     /// The role its server last reported; `None` before the first connection, or since it
     /// could not be reached.
     pub(crate) fn role(&self) -> Option<Role> {
-        self.roles.get()
+        self.roles().get()
     }
 
     /// The role it is taken for: the one its server last reported, else the declared one.
@@ -133,17 +129,19 @@ impl<DB: Backend> Endpoint<DB> {
         self.role().unwrap_or(self.hint)
     }
 
+    /// Its role as its server last reported, kept by the connection manager, which learns
+    /// it on every new connection.
     pub(crate) fn roles(&self) -> &RoleState {
-        &self.roles
+        self.pool.manager().roles()
     }
 
     /// Which server answered last, when known (see `Backend::role`).
     pub(crate) fn server(&self) -> Option<Arc<str>> {
-        self.roles.server()
+        self.roles().server()
     }
 
     pub(crate) fn roles_arc(&self) -> Arc<RoleState> {
-        self.roles.clone()
+        self.pool.manager().roles().clone()
     }
 
     pub(crate) fn outstanding(&self) -> usize {
@@ -225,7 +223,7 @@ impl<DB: Backend> Endpoint<DB> {
             let asked = tokio::time::timeout(limit, checkout.run(async |raw| DB::role(raw).await));
             let dead = match asked.await {
                 Ok(Ok(observed)) => {
-                    self.roles.observe_server(observed);
+                    self.roles().observe_server(observed);
                     return closed;
                 }
                 Ok(Err(_)) => checkout.is_broken() && !checkout.is_fresh(),
