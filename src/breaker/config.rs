@@ -375,7 +375,7 @@ impl BreakerConfig {
 }
 
 /// The problem with a duration above [`MAX_DURATION`], if it is.
-fn too_long(duration: Duration) -> Option<String> {
+pub(crate) fn too_long(duration: Duration) -> Option<String> {
     (duration > MAX_DURATION).then(|| format!("{duration:?} is above the limit of 365 days"))
 }
 

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub(crate) use config::too_long;
 pub use config::{BreakerConfig, OpenDuration, SlidingWindow};
 pub use listener::{ListenerId, StateChange, Subscription};
 pub use permit::{Permit, Rejected};

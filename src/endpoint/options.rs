@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::too_long;
 use crate::problem::ConfigProblem;
 
 /// How one endpoint's connection pool behaves.
@@ -46,21 +47,14 @@ impl Default for EndpointOptions {
     }
 }
 
-/// The longest duration a setting may have. Deadlines are `now + duration`, which panics past
-/// what an `Instant` can hold (`Duration::MAX`, `u64::MAX` seconds); no timeout or interval
-/// a pool needs comes near a year, so anything longer is a mistake, reported as such.
-pub(crate) const LONGEST: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-
-/// The problem with a duration setting, if any: zero, or longer than [`LONGEST`].
+/// The problem with a duration setting, if any: zero, or longer than any duration the crate
+/// takes (365 days, see `breaker::too_long`: deadlines are `now + duration`, which panics
+/// past what an `Instant` holds).
 pub(crate) fn duration_problem(duration: Duration) -> Option<String> {
     if duration.is_zero() {
         Some("0s must be above zero".into())
-    } else if duration > LONGEST {
-        Some(format!(
-            "{duration:?} is longer than 365 days, the most any timeout or interval may be"
-        ))
     } else {
-        None
+        too_long(duration)
     }
 }
 
@@ -83,11 +77,8 @@ impl EndpointOptions {
             }
         }
         // Zero is fine here: every connection is checked before it is handed out.
-        if self.idle_check_after > LONGEST {
-            report(
-                "idle_check_after",
-                duration_problem(self.idle_check_after).unwrap_or_default(),
-            );
+        if let Some(problem) = too_long(self.idle_check_after) {
+            report("idle_check_after", problem);
         }
         if !(self.max_lifetime_jitter >= 0.0 && self.max_lifetime_jitter < 1.0) {
             report(
