@@ -493,3 +493,43 @@ async fn a_transaction_begun_on_a_stopped_primary_opens_the_breaker_and_is_refus
     add_note(&mut *tx, 20, "after recovery").await.unwrap();
     tx.commit().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_that_died_is_not_handed_out_again() {
+    let pg = primary_server().await;
+    // One connection, so that the next caller would get the same one.
+    let pool: ProtectedPool = ProtectedPool::builder()
+        .primary(pg.url())
+        .endpoint_options(EndpointOptions {
+            max_connections: 1,
+            ..EndpointOptions::default()
+        })
+        .connect()
+        .await
+        .expect("connect");
+    let mut conn = pool.acquire(Route::Write).await.expect("acquire");
+    assert_eq!(
+        note_of(&mut *conn, 1).await.unwrap().as_deref(),
+        Some("on both servers")
+    );
+
+    pg.kill9().await.expect("kill the server");
+    pg.start_again().await.expect("start it again");
+    let error = note_of(&mut *conn, 1)
+        .await
+        .expect_err("the held connection died with it");
+    assert!(
+        Error::from_sqlx(&error).is_none(),
+        "the driver's own error: {error}"
+    );
+    drop(conn);
+
+    // The next holder gets a connection that answers, not the dead one back.
+    for _ in 0..3 {
+        let mut conn = guarded("acquire", pool.acquire(Route::Write))
+            .await
+            .expect("acquire after the restart");
+        let note = note_of(&mut *conn, 1).await;
+        assert_eq!(note.unwrap().as_deref(), Some("on both servers"));
+    }
+}

@@ -77,6 +77,12 @@ impl<DB: Backend> Checkout<DB> {
         &mut self.pooled().raw
     }
 
+    /// Hands the connection to the caller: errors it meets there are not seen by the pool,
+    /// so it is checked (pinged) before it is handed out again.
+    pub(crate) fn hand_to_caller(&mut self) {
+        self.pooled().check_before_reuse();
+    }
+
     /// Closes the connection when the checkout ends instead of returning it to the pool.
     pub(crate) fn evict(&mut self) {
         self.pooled().broken = true;

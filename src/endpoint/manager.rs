@@ -29,6 +29,14 @@ pub(crate) struct PooledConnection<DB: Backend> {
     checked_at_loss: u64,
 }
 
+impl<DB: Backend> PooledConnection<DB> {
+    /// Has the connection checked before it is handed out again: it was in the caller's
+    /// hands, where no error it met was seen by the pool.
+    pub(crate) fn check_before_reuse(&mut self) {
+        self.checked_at_loss = u64::MAX;
+    }
+}
+
 pub(crate) struct ConnectionManager<DB: Backend> {
     options: <DB::Connection as Connection>::Options,
     /// What every new connection says its server is.
@@ -245,7 +253,11 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             // on every checkout, pinged or not. A ping that hangs drops the connection and
             // the pool opens another.
             match tokio::time::timeout(self.connect_timeout, connection.raw.ping()).await {
-                Ok(pinged) => pinged.map_err(RecycleError::Backend)?,
+                Ok(pinged) => pinged.map_err(|error| {
+                    // Dead while it sat in the pool: its siblings very likely died with it.
+                    self.connection_lost();
+                    RecycleError::Backend(error)
+                })?,
                 Err(_) => {
                     return Err(RecycleError::message(format!(
                         "no answer to a ping within {:?}",

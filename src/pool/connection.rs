@@ -25,8 +25,10 @@ type Manager<DB> = <DB as sqlx::Database>::TransactionManager;
 /// A connection of one endpoint, held by the caller until dropped; it dereferences to the
 /// driver's connection (`&mut *conn` is a sqlx executor). See [`ProtectedPool::acquire`].
 ///
-/// Dropped inside a transaction, the transaction is rolled back before the connection is
-/// used again.
+/// What runs on it is the caller's: the pool does not see its errors, so it does not judge
+/// them or tell the breaker; it checks the connection (a ping) before handing it out again,
+/// and closes it if it no longer answers. Dropped inside a transaction, the transaction is
+/// rolled back before the connection is used again.
 pub struct ProtectedConnection<DB: Backend> {
     checkout: Checkout<DB>,
     endpoint: Arc<str>,
@@ -204,8 +206,10 @@ impl<DB: Backend> Use<DB> for Acquire {
         taken: Taken<'a, DB>,
     ) -> Result<ProtectedConnection<DB>, Failed> {
         let endpoint = taken.verdict.succeeded();
+        let mut checkout = taken.checkout;
+        checkout.hand_to_caller();
         Ok(ProtectedConnection {
-            checkout: taken.checkout,
+            checkout,
             endpoint,
             route: self.route,
         })
@@ -231,6 +235,7 @@ impl<DB: Backend> Use<DB> for Begin {
         match begun {
             Ok(Ok(())) => {
                 checkout.idle(None);
+                checkout.hand_to_caller();
                 let endpoint = verdict.succeeded();
                 Ok(ProtectedTransaction {
                     connection: ProtectedConnection {
