@@ -62,13 +62,7 @@ pub trait Backend:
     /// pool keep a dead socket.
     #[doc(hidden)]
     fn breaks_connection(error: &sqlx::Error) -> bool {
-        matches!(
-            error,
-            sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::WorkerCrashed
-        )
+        lost_transport(error)
     }
 
     /// A recovery probe's check that the endpoint can serve `route`: a real statement, so
@@ -100,6 +94,19 @@ pub trait Backend:
         options: &<Self::Connection as sqlx::Connection>::Options,
         pid: i32,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+/// Whether the connection's transport failed. A pool's own error carried in an `Io` error (a
+/// call through another pool's executor, made from inside an operation) is not this
+/// connection's failure.
+fn lost_transport(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => crate::Error::from_sqlx(error).is_none(),
+        other => matches!(
+            other,
+            sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed
+        ),
+    }
 }
 
 impl Backend for Postgres {
@@ -154,13 +161,7 @@ impl Backend for Postgres {
     fn breaks_connection(error: &sqlx::Error) -> bool {
         match error {
             sqlx::Error::Database(_) => ends_session(error),
-            other => matches!(
-                other,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::WorkerCrashed
-            ),
+            other => lost_transport(other),
         }
     }
 

@@ -131,8 +131,9 @@ pub enum Error {
         /// What happened on each endpoint, in the order tried.
         attempts: Vec<Attempt>,
     },
-    /// The query's arguments could not be encoded; nothing was sent.
-    #[error("{route} query could not be prepared: {source}")]
+    /// The query's arguments could not be encoded (nothing was sent), or a row it returned
+    /// could not be decoded.
+    #[error("{route} query could not be encoded or its result decoded: {source}")]
     InvalidQuery {
         /// The route.
         route: Route,

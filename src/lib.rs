@@ -11,6 +11,7 @@ mod endpoint;
 mod error;
 pub mod fallback;
 mod health;
+mod into_sqlx;
 mod pool;
 mod problem;
 mod role;
@@ -26,8 +27,9 @@ pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
 pub use pool::{
-    Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, PoolBuilder,
-    PoolStateChange, ProtectedPool, RoutableQuery, Routed,
+    Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, OnRoute,
+    PoolBuilder, PoolStateChange, ProtectedConnection, ProtectedPool, ProtectedTransaction,
+    RoutableQuery, Routed, RowStream, TransactionRetry,
 };
 pub use role::Role;
 pub use route::{Route, RouteConfig, UnknownRoute};

@@ -17,6 +17,7 @@
 //! | `protected_pool_cache_errors_total` | counter | `cache`, `operation` | failed cache operations (`get`, `put`, `encode`, `decode`) |
 //! | `protected_pool_endpoint_role` | gauge | `endpoint` | the role its server last reported: 0 unknown, 1 primary, 2 replica |
 //! | `protected_pool_role_changes_total` | counter | `endpoint`, `from`, `to` | role changes (`primary`, `replica`, `unknown`) |
+//! | `protected_pool_transaction_retries_total` | counter | | transactions run again after the server rolled them back (serialization failure, deadlock) |
 
 use metrics::{Counter, Histogram, Label};
 
@@ -121,6 +122,14 @@ impl RouteMetrics {
     pub(crate) fn rejected(&self) {
         self.rejected.increment(1);
     }
+}
+
+/// `protected_pool_transaction_retries_total`.
+pub const TRANSACTION_RETRIES: &str = "protected_pool_transaction_retries_total";
+
+/// A transaction run again after the server rolled it back.
+pub(crate) fn transaction_retried() {
+    metrics::counter!(TRANSACTION_RETRIES).increment(1);
 }
 
 /// A call served without an endpoint, from the cache or a fallback.

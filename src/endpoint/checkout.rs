@@ -49,6 +49,34 @@ impl<DB: Backend> Checkout<DB> {
         result
     }
 
+    /// The connection, for a use that outlives one `run` (a stream of rows, a connection
+    /// handed to the caller): busy until [`idle`](Self::idle), so a checkout dropped in
+    /// between closes it and asks the server to stop what it runs.
+    pub(crate) fn busy(&mut self) -> &mut DB::Connection {
+        let pooled = self.pooled();
+        pooled.busy = true;
+        &mut pooled.raw
+    }
+
+    /// Ends a use begun by [`busy`](Self::busy); `error` is how it ended, if it failed.
+    pub(crate) fn idle(&mut self, error: Option<&sqlx::Error>) {
+        let pooled = self.pooled();
+        pooled.busy = false;
+        if let Some(error) = error {
+            pooled.broken |= DB::breaks_connection(error);
+        }
+    }
+
+    /// The connection, as it is (neither busy nor idle is changed).
+    pub(crate) fn raw(&self) -> &DB::Connection {
+        &self.connection.as_ref().expect("present until dropped").raw
+    }
+
+    /// The connection, for the caller that holds it (neither busy nor idle is changed).
+    pub(crate) fn raw_mut(&mut self) -> &mut DB::Connection {
+        &mut self.pooled().raw
+    }
+
     /// Closes the connection when the checkout ends instead of returning it to the pool.
     pub(crate) fn evict(&mut self) {
         self.pooled().broken = true;

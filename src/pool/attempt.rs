@@ -206,6 +206,26 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         Err(failed)
     }
 
+    /// A connection for a use the pool does not run itself (a stream of rows, a connection
+    /// or transaction handed to the caller), with the breaker's permit for it. Getting it
+    /// must be done by `by`; the caller records the permit's outcome.
+    pub(super) async fn hand_out(
+        &self,
+        by: tokio::time::Instant,
+    ) -> Result<(Checkout<DB>, Permit<'a>, Instant), Failed> {
+        let now = Instant::now();
+        self.check_lag()?;
+        self.check_role()?;
+        let permit = self.permit(now)?;
+        let checkout = match self.checkout(by, now).await {
+            Ok(checkout) => checkout,
+            Err(refused) => return Err(refused.record(permit, now)),
+        };
+        // A new connection may just have found the server to be a standby.
+        self.check_role()?;
+        Ok((checkout, permit, now))
+    }
+
     fn check_lag(&self) -> Result<(), Failed> {
         let endpoint = self.endpoint;
         if let (Role::Replica, Some(max), Some(lag)) = (

@@ -118,7 +118,7 @@ impl<DB: Backend> PoolInner<DB> {
 }
 
 /// The call's error: the endpoint's own when it was the only one tried, else every attempt.
-fn call_error<DB: Backend>(
+pub(super) fn call_error<DB: Backend>(
     route: Route,
     mut tried: Vec<Tried>,
     endpoint: &Endpoint<DB>,
@@ -135,7 +135,7 @@ fn call_error<DB: Backend>(
 }
 
 /// Every candidate was tried (or the time ran out).
-fn exhausted(route: Route, mut attempts: Vec<Tried>) -> Error {
+pub(super) fn exhausted(route: Route, mut attempts: Vec<Tried>) -> Error {
     if attempts.len() == 1 {
         return attempts.pop().expect("one attempt").error;
     }

@@ -2,13 +2,18 @@
 
 mod attempt;
 mod builder;
+mod connection;
 mod degrade;
 mod events;
+mod executor;
 mod failover;
+mod handout;
 mod operation;
 mod probe;
+mod retry;
 mod routed;
 mod statement;
+mod stream;
 mod topology;
 
 use std::fmt;
@@ -18,9 +23,13 @@ use std::time::Duration;
 use sqlx::Postgres;
 
 pub use builder::PoolBuilder;
+pub use connection::{ProtectedConnection, ProtectedTransaction};
 pub use events::PoolStateChange;
+pub use executor::OnRoute;
+pub use retry::TransactionRetry;
 pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed};
 pub use statement::RoutableQuery;
+pub use stream::RowStream;
 pub use topology::ClusterEvent;
 
 use crate::backend::Backend;

@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::query::Query;
-use sqlx::{Database, IntoArguments};
+use sqlx::query::{Map, Query};
+use sqlx::{Database, Either, IntoArguments};
 
 use super::ProtectedPool;
 use super::degrade::{CacheRequest, Plan};
+use super::executor::OnRoute;
 use super::failover::Replay;
 use super::operation::Erased;
-use super::statement::{FetchFn, QueryFuture, RoutableQuery, execute_on, fetch_one_on};
+use super::statement::{FetchFn, QueryFuture, RoutableQuery, Statement, execute_on, fetch_one_on};
+use super::stream::RowStream;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::fallback::{BoxedFallback, FallbackContext, Served};
@@ -91,6 +93,36 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
     pub fn fetch_all(self) -> impl Future<Output = Result<Vec<Q::Output>>> + Send + 'p {
         let call = self.degradable().run(Q::fetch_all_on, true, None);
         async move { call.await.map(Served::into_inner) }
+    }
+
+    /// Every row, as a stream, read as the caller goes. Until the first row arrives the
+    /// call is like `fetch_all` (a read moves to the next endpoint when one fails); after
+    /// it, a failure ends the stream with its error and nothing is replayed. No cache or
+    /// fallback applies.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// use futures_util::TryStreamExt;
+    ///
+    /// let mut names = pool.read(sqlx::query_scalar::<_, String>("SELECT name FROM users")).fetch();
+    /// while let Some(name) = names.try_next().await? {
+    ///     println!("{name}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn fetch(self) -> RowStream<'p, Q::Output> {
+        let route = self.route;
+        let statement = self
+            .query
+            .into_statement()
+            .map_err(|source| Error::InvalidQuery { route, source });
+        let replay = replay_for(route, true);
+        self.pool
+            .inner
+            .stream(route, replay, statement, |step| match step {
+                Either::Left(_) => None,
+                Either::Right(row) => Some(Q::from_row(row)),
+            })
     }
 
     /// Calls `fallback` when no endpoint can serve the call (after the cache, if the call is
@@ -177,6 +209,73 @@ where
         let call = self.degradable().run(execute_on::<DB>, false, None);
         async move { call.await.map(Served::into_inner) }
     }
+}
+
+/// The compile-time checked macros (`sqlx::query!`, `query_as!`, which build a
+/// [`Map`]): run through the route's executor ([`OnRoute`]), so a read moves to the next
+/// endpoint like any other. No cache or fallback applies (the macros' record types are not
+/// serializable). A row that does not decode, and no row for `fetch_one`, are
+/// [`Error::InvalidQuery`].
+impl<'p, 'q, DB, F, O, A, C> Routed<'p, DB, Map<'q, DB, F, A>, C>
+where
+    DB: Backend,
+    F: FnMut(DB::Row) -> Result<O, sqlx::Error> + Send,
+    O: Send + Unpin,
+    A: 'q + IntoArguments<DB> + Send,
+{
+    fn executor(&self) -> OnRoute<'p, DB> {
+        OnRoute::new(self.pool, self.route).keeping_errors_whole()
+    }
+
+    /// Exactly one row.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// use sqlx::Row;
+    ///
+    /// // `query!("SELECT id, name FROM users WHERE id = $1", 42_i64)` builds such a `Map`.
+    /// let (id, name): (i64, String) = pool
+    ///     .read(
+    ///         sqlx::query("SELECT id, name FROM users WHERE id = $1")
+    ///             .bind(42_i64)
+    ///             .try_map(|row: sqlx::postgres::PgRow| Ok((row.try_get(0)?, row.try_get(1)?))),
+    ///     )
+    ///     .fetch_one()
+    ///     .await?;
+    /// println!("{id} {name}");
+    /// # Ok(()) }
+    /// ```
+    pub async fn fetch_one(self) -> Result<O> {
+        let (route, executor) = (self.route, self.executor());
+        self.query
+            .fetch_one(executor)
+            .await
+            .map_err(|error| whole(route, error))
+    }
+
+    /// At most one row.
+    pub async fn fetch_optional(self) -> Result<Option<O>> {
+        let (route, executor) = (self.route, self.executor());
+        self.query
+            .fetch_optional(executor)
+            .await
+            .map_err(|error| whole(route, error))
+    }
+
+    /// Every row.
+    pub async fn fetch_all(self) -> Result<Vec<O>> {
+        let (route, executor) = (self.route, self.executor());
+        self.query
+            .fetch_all(executor)
+            .await
+            .map_err(|error| whole(route, error))
+    }
+}
+
+/// The pool's error back from an executor that kept it whole; the driver's own (a row that
+/// did not decode) as an invalid query.
+fn whole(route: Route, error: sqlx::Error) -> Error {
+    crate::into_sqlx::unwrap(error).unwrap_or_else(|source| Error::InvalidQuery { route, source })
 }
 
 /// No fallback of the call's own (the route's may still apply).
@@ -329,38 +428,64 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
         let Routed {
             pool, route, query, ..
         } = self.routed;
-        let replay = match route {
-            Route::Read if replayable => Replay::Read,
-            Route::Read => Replay::Never,
-            // One statement for the primary: if a standby refused it (not executed), it moves
-            // to the primary of the moment.
-            Route::Write | Route::Auth => Replay::AfterRefusal,
-        };
+        let replay = replay_for(route, replayable);
         let fallback: Option<BoxedFallback<T>> = sealed::IntoBoxed::into_boxed(self.fallback);
-        let prepared = query
-            .into_statement()
-            .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
-                let sql = statement.sql.clone();
-                (
-                    sql,
-                    Box::new(move |connection| fetch(&statement, connection)),
-                )
-            })
-            .map_err(|source| Error::InvalidQuery { route, source });
-        async move {
-            let (sql, fetch) = prepared?;
-            let inner = &pool.inner;
-            let plan = Plan {
-                route,
-                sql: Some(sql.as_str()),
-                cache,
-                fallback,
-            };
-            let fetch = &*fetch;
-            // Boxed: the endpoint loop's future is large, and `degrade` and the span move it.
-            let call = Box::pin(inner.failover(route, replay, Erased(fetch)));
-            inner.degrade(plan, call).await
-        }
+        run_statement(
+            pool,
+            route,
+            replay,
+            query.into_statement(),
+            fetch,
+            cache,
+            fallback,
+        )
+    }
+}
+
+/// How a single statement of `route` may be replayed; `replayable`: it only reads.
+pub(super) fn replay_for(route: Route, replayable: bool) -> Replay {
+    match route {
+        Route::Read if replayable => Replay::Read,
+        Route::Read => Replay::Never,
+        // One statement for the primary: if a standby refused it (not executed), it moves to
+        // the primary of the moment.
+        Route::Write | Route::Auth => Replay::AfterRefusal,
+    }
+}
+
+/// Runs a statement taken apart through the pool: its endpoints by `replay`, then what the
+/// call may fall back on.
+pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
+    pool: &'p ProtectedPool<DB>,
+    route: Route,
+    replay: Replay,
+    statement: Result<Statement<DB>, sqlx::Error>,
+    fetch: FetchFn<DB, T>,
+    cache: Option<CacheRequest<T>>,
+    fallback: Option<BoxedFallback<T>>,
+) -> impl Future<Output = Result<Served<T>>> + Send + 'p {
+    let prepared = statement
+        .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
+            let sql = statement.sql.clone();
+            (
+                sql,
+                Box::new(move |connection| fetch(&statement, connection)),
+            )
+        })
+        .map_err(|source| Error::InvalidQuery { route, source });
+    async move {
+        let (sql, fetch) = prepared?;
+        let inner = &pool.inner;
+        let plan = Plan {
+            route,
+            sql: Some(sql.as_str()),
+            cache,
+            fallback,
+        };
+        let fetch = &*fetch;
+        // Boxed: the endpoint loop's future is large, and `degrade` and the span move it.
+        let call = Box::pin(inner.failover(route, replay, Erased(fetch)));
+        inner.degrade(plan, call).await
     }
 }
 

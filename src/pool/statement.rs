@@ -25,7 +25,7 @@ pub struct Statement<DB: Database> {
 }
 
 impl<DB: Backend> Statement<DB> {
-    fn take_apart<'q, E: Execute<'q, DB>>(mut query: E) -> Result<Self, sqlx::Error> {
+    pub(crate) fn take_apart<'q, E: Execute<'q, DB>>(mut query: E) -> Result<Self, sqlx::Error> {
         let persistent = query.persistent();
         let arguments = query
             .take_arguments()
@@ -41,7 +41,20 @@ impl<DB: Backend> Statement<DB> {
     fn parts(&self) -> (SqlStr, Bound<DB>) {
         (self.sql.clone(), Bound(self.arguments.clone()))
     }
+
+    /// Runs the statement on `connection`, every result and row as it comes.
+    pub(crate) fn fetch_many_on<'c>(&self, connection: &'c mut DB::Connection) -> Steps<'c, DB> {
+        let (sql, arguments) = self.parts();
+        let query = sqlx::query_with(sql, arguments).persistent(self.persistent);
+        sqlx::Executor::fetch_many(DB::executor(connection), query)
+    }
 }
+
+/// What a statement gives, result by result and row by row.
+pub(crate) type Steps<'c, DB> = futures_core::stream::BoxStream<
+    'c,
+    Result<sqlx::Either<<DB as Database>::QueryResult, <DB as Database>::Row>, sqlx::Error>,
+>;
 
 /// Arguments already encoded, handed back to a rebuilt query.
 struct Bound<DB: Database>(DB::Arguments);
@@ -62,6 +75,10 @@ pub trait RoutableQuery<DB: Backend>: sealed::Sealed + Send + Sized {
     /// Takes the query apart into SQL and encoded arguments.
     #[doc(hidden)]
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error>;
+
+    /// What one row becomes.
+    #[doc(hidden)]
+    fn from_row(row: DB::Row) -> Result<Self::Output, sqlx::Error>;
 
     /// Runs the statement on `connection`, returning at most one row.
     #[doc(hidden)]
@@ -94,6 +111,10 @@ where
 {
     type Output = DB::Row;
 
+    fn from_row(row: DB::Row) -> Result<DB::Row, sqlx::Error> {
+        Ok(row)
+    }
+
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
     }
@@ -124,6 +145,10 @@ where
     O: Send + Unpin + 'static + for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     type Output = O;
+
+    fn from_row(row: DB::Row) -> Result<O, sqlx::Error> {
+        O::from_row(&row)
+    }
 
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
@@ -156,6 +181,10 @@ where
     (O,): for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     type Output = O;
+
+    fn from_row(row: DB::Row) -> Result<O, sqlx::Error> {
+        <(O,) as sqlx::FromRow<'_, DB::Row>>::from_row(&row).map(|(value,)| value)
+    }
 
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
@@ -199,4 +228,22 @@ pub(crate) fn execute_on<'c, DB: Backend>(
     let (sql, arguments) = statement.parts();
     let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
     Box::pin(query.execute(DB::executor(connection)))
+}
+
+pub(crate) fn rows_optional_on<'c, DB: Backend>(
+    statement: &Statement<DB>,
+    connection: &'c mut DB::Connection,
+) -> QueryFuture<'c, Option<DB::Row>> {
+    let (sql, arguments) = statement.parts();
+    let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
+    Box::pin(query.fetch_optional(DB::executor(connection)))
+}
+
+pub(crate) fn rows_all_on<'c, DB: Backend>(
+    statement: &Statement<DB>,
+    connection: &'c mut DB::Connection,
+) -> QueryFuture<'c, Vec<DB::Row>> {
+    let (sql, arguments) = statement.parts();
+    let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
+    Box::pin(query.fetch_all(DB::executor(connection)))
 }
