@@ -19,6 +19,10 @@ pub struct Order {
 
 /// Pays `price_cents` from the account and records the order, in one transaction: either
 /// both happen or neither does.
+///
+/// The transaction is begun on an acquired connection (as in sqlx's `Acquire` docs) rather
+/// than with `Acquire::begin`, whose `sqlx::Transaction` can only own a connection of sqlx's
+/// own pool: this way any pool whose reference is an `Acquire` serves.
 pub async fn place_order<'c>(
     db: impl Acquire<'c, Database = Postgres>,
     account_id: i64,
@@ -26,7 +30,8 @@ pub async fn place_order<'c>(
     price_cents: i64,
 ) -> Result<Order, ServiceError> {
     positive(price_cents)?;
-    let mut tx = db.begin().await?;
+    let mut conn = db.acquire().await?;
+    let mut tx = conn.begin().await?;
     let balance = sqlx::query_scalar!(
         "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE id = $1 \
          RETURNING balance_cents",
