@@ -1,9 +1,10 @@
-//! The service's functions, unchanged, against a real PostgreSQL server of its own, on a plain
-//! `sqlx::PgPool`: the baseline that the same functions on a `ProtectedPool` must match, with
-//! only the building of the pool changed. Everything the service does — migrations,
+//! The service's functions, unchanged, on a plain `sqlx::PgPool` and on a `ProtectedPool`,
+//! each against a real PostgreSQL server of its own: both tests run one body, generic over the
+//! pool, and differ only in how the pool is built. Everything the service does — migrations,
 //! compile-time checked queries, transactions that commit or roll back, the database's own
-//! errors — is exercised by one body generic over the pool.
-
+//! errors — must look the same to it on both.
+use protected_pool::breaker::State;
+use protected_pool::{ProtectedPool, Route};
 use protected_pool_sqlx_service::{
     self as service, Account, MIGRATOR, Order, ServiceError, account, open_account, orders_of,
     place_order, total_balance, transfer,
@@ -20,6 +21,59 @@ async fn the_service_runs_on_a_plain_pgpool() {
         .await
         .expect("connect");
     run_the_service(&pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runs_on_a_protected_pool() {
+    let pg = PgServer::start().await.expect("start PostgreSQL");
+    let pool = ProtectedPool::<Postgres>::builder()
+        .primary(pg.url())
+        .connect()
+        .await
+        .expect("connect");
+    run_the_service(&pool).await;
+
+    // It ran through the primary's write breaker, and the service's refusals (a taken name,
+    // overdrafts: the server answered) did not count against the server.
+    let write = pool
+        .breaker(Route::Write, "primary")
+        .expect("the primary's write breaker")
+        .snapshot();
+    assert!(write.total_successes >= 10, "{write:?}");
+    assert_eq!(write.total_failures, 0, "{write:?}");
+    assert_eq!(write.state, State::Closed);
+}
+
+/// The one sqlx pattern a service must not use with a `ProtectedPool`: `Acquire::begin`, whose
+/// `sqlx::Transaction` can only own a connection of sqlx's own pool. `place_order` acquires a
+/// connection and begins on it instead. A service that does use it is told so at its first
+/// transaction, with the fix in the message, and nothing is left half done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_begin_on_a_protected_pool_is_refused_with_the_fix() {
+    let pg = PgServer::start().await.expect("start PostgreSQL");
+    let pool = ProtectedPool::<Postgres>::builder()
+        .primary(pg.url())
+        .connect()
+        .await
+        .expect("connect");
+    MIGRATOR.run(&pool).await.expect("migrate");
+
+    async fn open_in_a_transaction<'c>(
+        db: impl Acquire<'c, Database = Postgres>,
+    ) -> sqlx::Result<i64> {
+        let mut tx = db.begin().await?;
+        let id = open_account(&mut *tx, "carol", 1).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+    let refused = open_in_a_transaction(&pool)
+        .await
+        .expect_err("a sqlx::Transaction over a ProtectedPool connection");
+    assert!(
+        matches!(&refused, sqlx::Error::Configuration(why) if why.to_string().contains("pool.begin()")),
+        "{refused:?}"
+    );
+    assert_eq!(total_balance(&pool).await.expect("total"), 0);
 }
 
 /// Everything the service does, on whichever pool it is given, and what its callers see.
