@@ -74,7 +74,48 @@ async fn pool_futures_are_send_and_spawnable() {
                 .await
             }
         }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let retry = protected_pool::TransactionRetry::attempts(1);
+                assert_send(pool.transaction_with_retry(retry, async |tx| {
+                    sqlx::query("SELECT 1").execute(&mut **tx).await.map(drop)
+                }))
+                .await
+            }
+        }),
     ];
+    // sqlx code through the pool: its errors are sqlx's.
+    let sqlx_tasks = [
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tx = assert_send(pool.begin()).await?;
+                assert_send(sqlx::query("SELECT 1").execute(&mut *tx)).await?;
+                Ok::<_, sqlx::Error>(assert_send(tx.commit()).await?)
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                use futures_util::TryStreamExt;
+                let reader = pool.reader();
+                assert_send(sqlx::query("SELECT 1").execute(&pool)).await?;
+                assert_send(sqlx::query("SELECT 1").fetch_all(reader)).await?;
+                let stream = pool.read(sqlx::query_scalar::<_, i32>("SELECT 1")).fetch();
+                Ok(assert_send(stream.try_collect::<Vec<_>>())
+                    .await
+                    .map(drop)?)
+            }
+        }),
+    ];
+    for task in sqlx_tasks {
+        let error = task
+            .await
+            .expect("task ran")
+            .expect_err("nothing listens there");
+        assert!(matches!(error, sqlx::Error::Io(_)), "{error:?}");
+    }
     for task in tasks {
         let error = task
             .await
