@@ -190,6 +190,18 @@ async fn the_reader_the_map_and_the_stream_move_to_the_next_endpoint_when_one_is
     .await
     .expect("the stream is served by the primary");
     assert_eq!(rows, (1..=5).map(|g| (false, g)).collect::<Vec<_>>());
+    let mapped: Vec<i32> = guarded(
+        "a mapped stream",
+        pool.read(
+            sqlx::query("SELECT g FROM generate_series(1, 3) g")
+                .try_map(|row: sqlx::postgres::PgRow| row.try_get::<i32, _>(0)),
+        )
+        .fetch()
+        .try_collect::<Vec<_>>(),
+    )
+    .await
+    .expect("a Map's stream moves on too");
+    assert_eq!(mapped, [1, 2, 3]);
     let _ = REPLICA;
 }
 

@@ -149,11 +149,12 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// any call; what runs on it afterwards is not replayed, measured or timed by the pool.
     ///
     /// ```no_run
-    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> Result<(), sqlx::Error> {
     /// use protected_pool::Route;
     ///
     /// let mut conn = pool.acquire(Route::Write).await?;
-    /// sqlx::query("SET LOCAL lock_timeout = '1s'").execute(&mut *conn).await?;
+    /// sqlx::query("SELECT pg_advisory_lock(42)").execute(&mut *conn).await?;
+    /// sqlx::query("SELECT pg_advisory_unlock(42)").execute(&mut *conn).await?;
     /// # Ok(()) }
     /// ```
     pub async fn acquire(&self, route: Route) -> Result<ProtectedConnection<DB>> {

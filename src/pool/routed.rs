@@ -270,6 +270,21 @@ where
             .await
             .map_err(|error| whole(route, error))
     }
+
+    /// Every row, as a stream (see [`Routed::fetch`]).
+    pub fn fetch(self) -> impl futures_core::Stream<Item = Result<O>> + Send + 'p
+    where
+        'q: 'p,
+        F: 'p,
+        O: 'p,
+        A: 'p,
+    {
+        use futures_util::StreamExt;
+        let (route, executor) = (self.route, self.executor());
+        self.query
+            .fetch(executor)
+            .map(move |item| item.map_err(|error| whole(route, error)))
+    }
 }
 
 /// The pool's error back from an executor that kept it whole; the driver's own (a row that
