@@ -108,6 +108,21 @@ async fn pool_futures_are_send_and_spawnable() {
                     .map(drop)?)
             }
         }),
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                // A function over `impl Acquire`, as sqlx's docs write them, given `&pool`
+                // in a spawned task: compiles only if the pool's `Acquire` impl holds for
+                // every connection lifetime, as sqlx's `&Pool` does.
+                async fn on_one_connection<'c>(
+                    db: impl sqlx::Acquire<'c, Database = Postgres>,
+                ) -> sqlx::Result<()> {
+                    let mut conn = db.acquire().await?;
+                    sqlx::query("SELECT 1").execute(&mut *conn).await.map(drop)
+                }
+                assert_send(on_one_connection(&pool)).await
+            }
+        }),
     ];
     for task in sqlx_tasks {
         let error = task

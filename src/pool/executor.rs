@@ -297,15 +297,21 @@ impl<'p, DB: Backend> sqlx::Executor<'p> for &'p ProtectedPool<DB> {
 /// `Transaction` over the pool's connection and returns an error saying so: use
 /// [`ProtectedPool::begin`] (an inherent method, which `pool.begin()` calls) or
 /// [`ProtectedPool::transaction`].
-impl<'p, DB: Backend> sqlx::Acquire<'p> for &'p ProtectedPool<DB> {
+///
+/// Like sqlx's `impl Acquire<'c> for &'_ Pool<DB>`, the connection's lifetime `'c` is not
+/// tied to the borrow of the pool (the future holds a clone of the pool instead): a future
+/// that calls a function over `impl Acquire<'c>` with `&pool` can then be spawned, where a
+/// tied lifetime fails to compile with "implementation of `Acquire` is not general enough".
+impl<'c, DB: Backend> sqlx::Acquire<'c> for &'_ ProtectedPool<DB> {
     type Database = DB;
     type Connection = ProtectedConnection<DB>;
 
-    fn acquire(self) -> BoxFuture<'p, Result<ProtectedConnection<DB>, sqlx::Error>> {
-        async move { Ok(ProtectedPool::acquire(self, Route::Write).await?) }.boxed()
+    fn acquire(self) -> BoxFuture<'c, Result<ProtectedConnection<DB>, sqlx::Error>> {
+        let pool = self.clone();
+        async move { Ok(pool.acquire(Route::Write).await?) }.boxed()
     }
 
-    fn begin(self) -> BoxFuture<'p, Result<sqlx::Transaction<'p, DB>, sqlx::Error>> {
+    fn begin(self) -> BoxFuture<'c, Result<sqlx::Transaction<'c, DB>, sqlx::Error>> {
         async move {
             Err(sqlx::Error::Configuration(
                 "a sqlx::Transaction cannot own a connection of a ProtectedPool: \
