@@ -175,6 +175,9 @@ impl Backend for Postgres {
             "SELECT pg_backend_pid(), pg_is_in_recovery(), ",
             server_identity!()
         ))
+        // Unnamed, as every statement the pool sends of its own: a named one would live on
+        // the server connection, where a transaction pooler's next client could meet it.
+        .persistent(false)
         .fetch_one(connection)
         .await?;
         Ok((Some(pid), observed(standby, server)))
@@ -183,6 +186,7 @@ impl Backend for Postgres {
     async fn role(connection: &mut Self::Connection) -> Result<Observed, sqlx::Error> {
         let (standby, server): (bool, String) =
             sqlx::query_as(concat!("SELECT pg_is_in_recovery(), ", server_identity!()))
+                .persistent(false)
                 .fetch_one(connection)
                 .await?;
         Ok(observed(standby, server))
@@ -197,6 +201,7 @@ impl Backend for Postgres {
         let mut connection = sqlx::ConnectOptions::connect(options).await?;
         sqlx::query("SELECT pg_cancel_backend($1)")
             .bind(pid)
+            .persistent(false)
             .execute(&mut connection)
             .await?;
         sqlx::Connection::close(connection).await
@@ -217,6 +222,7 @@ impl Backend for Postgres {
                      pg_last_xact_replay_timestamp(), pg_postmaster_start_time()))
              END::float8",
         )
+        .persistent(false)
         .fetch_one(&mut *connection)
         .await?;
         Ok(lag.map(|secs| Duration::from_secs_f64(secs.max(0.0))))

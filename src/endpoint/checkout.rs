@@ -11,12 +11,16 @@ use crate::backend::Backend;
 /// fresh connection; the server is asked to stop a statement given up on.
 pub(crate) struct Checkout<DB: Backend> {
     connection: Option<Connection<DB>>,
+    /// The pool's own use (the health loop): giving it back does not count as use for the
+    /// idle timeout.
+    quiet: bool,
 }
 
 impl<DB: Backend> Checkout<DB> {
-    pub(crate) fn new(connection: Connection<DB>) -> Self {
+    pub(crate) fn new(connection: Connection<DB>, quiet: bool) -> Self {
         Self {
             connection: Some(connection),
+            quiet,
         }
     }
 
@@ -68,6 +72,9 @@ impl<DB: Backend> Drop for Checkout<DB> {
             return;
         };
         if !connection.busy && !connection.broken {
+            if !self.quiet {
+                connection.used_at = std::time::Instant::now();
+            }
             return; // back to the pool
         }
         if let Some(pool) = Object::pool(&connection) {

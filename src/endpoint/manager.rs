@@ -9,6 +9,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use sqlx::{ConnectOptions, Connection};
 
 use super::EndpointOptions;
+use super::after_connect::AfterConnect;
 use super::role::RoleState;
 use crate::backend::Backend;
 
@@ -22,15 +23,24 @@ pub(crate) struct PooledConnection<DB: Backend> {
     pub(crate) busy: bool,
     /// It saw an error that ends a session (I/O, TLS, protocol, FATAL).
     pub(crate) broken: bool,
-    /// The server process behind it, where there is one.
+    /// The server process behind it, where there is one and it is this connection's alone
+    /// (not behind a transaction pooler).
     pub(crate) server_pid: Option<i32>,
+    /// When a caller last gave it back (or when it was opened): the health loop's own use
+    /// does not count, so its checks do not keep an idle connection from timing out.
+    pub(crate) used_at: Instant,
     expires_at: Option<Instant>,
     /// The endpoint's connection-loss count when this connection was last known good.
     checked_at_loss: u64,
 }
 
 pub(crate) struct ConnectionManager<DB: Backend> {
+    name: Arc<str>,
     options: <DB::Connection as Connection>::Options,
+    after_connect: AfterConnect<DB>,
+    /// Behind a transaction pooler: the server process seen at connect time is not this
+    /// connection's (see `EndpointOptions::transaction_pooler`).
+    shared_servers: bool,
     /// What every new connection says its server is.
     roles: Arc<RoleState>,
     /// When the health loop may next ask the server its role on a connection of its own, and
@@ -53,9 +63,13 @@ impl<DB: Backend> ConnectionManager<DB> {
         name: Arc<str>,
         options: <DB::Connection as Connection>::Options,
         settings: &EndpointOptions,
+        after_connect: AfterConnect<DB>,
     ) -> Self {
         Self {
+            name: name.clone(),
             options,
+            after_connect,
+            shared_servers: settings.transaction_pooler,
             roles: Arc::new(RoleState::new(name)),
             ask_again_at: Mutex::new(None),
             ask_refusals: AtomicU32::new(0),
@@ -213,11 +227,26 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
                 }
             };
         self.roles.observe_server(observed);
+        // Part of opening the connection, so within the same bound.
+        let set_up = self.after_connect.run(&self.name, &mut raw);
+        match tokio::time::timeout(self.connect_timeout, set_up).await {
+            Ok(set_up) => set_up?,
+            Err(_) => {
+                return Err(sqlx::Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "after_connect did not finish within {:?}",
+                        self.connect_timeout
+                    ),
+                )));
+            }
+        }
         Ok(PooledConnection {
             raw,
             busy: false,
             broken: false,
-            server_pid,
+            server_pid: server_pid.filter(|_| !self.shared_servers),
+            used_at: Instant::now(),
             expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })

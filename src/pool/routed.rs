@@ -337,8 +337,10 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
             Route::Write | Route::Auth => Replay::AfterRefusal,
         };
         let fallback: Option<BoxedFallback<T>> = sealed::IntoBoxed::into_boxed(self.fallback);
+        let unnamed = pool.inner.unnamed_statements;
         let prepared = query
             .into_statement()
+            .map(|statement| statement.unnamed_if(unnamed))
             .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
                 let sql = statement.sql.clone();
                 (
