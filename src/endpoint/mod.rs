@@ -56,6 +56,9 @@ pub(crate) struct Endpoint<DB: Backend> {
     /// Connections kept open, and how long an idle one may stay beyond them.
     min_connections: usize,
     idle_timeout: Option<Duration>,
+    /// Held while topping up, so that `connect`'s warm-up and the health loop do not both
+    /// open the missing connections.
+    topping_up: tokio::sync::Mutex<()>,
     breakers: [CircuitBreaker; 3],
     metrics: [RouteMetrics; 3],
     /// Calls using this endpoint right now, for least-outstanding replica choice.
@@ -118,6 +121,7 @@ impl<DB: Backend> Endpoint<DB> {
             pool,
             min_connections: options.min_connections,
             idle_timeout: options.idle_timeout,
+            topping_up: tokio::sync::Mutex::new(()),
             breakers,
             metrics,
             outstanding: AtomicUsize::new(0),
@@ -221,6 +225,10 @@ impl<DB: Backend> Endpoint<DB> {
     /// how many were opened. Connections idle in the pool are taken first, so only the
     /// missing ones are opened; all are given back at once.
     pub(crate) async fn top_up(&self, limit: Duration) -> Result<usize, PoolError<sqlx::Error>> {
+        if self.min_connections == 0 {
+            return Ok(0);
+        }
+        let _only_one = self.topping_up.lock().await;
         let before = self.pool.status().size;
         if before >= self.min_connections {
             return Ok(0);
