@@ -44,7 +44,15 @@ impl<DB: Backend> Checkout<DB> {
     ) -> Result<T, sqlx::Error> {
         let pooled = self.pooled();
         pooled.busy = true;
-        let result = operation(&mut pooled.raw).await;
+        let result = if pooled.one_transaction_per_call {
+            // Boxed: the common path's future stays as small as it was.
+            let (result, ended_badly) =
+                Box::pin(in_transaction::<DB, T>(&mut pooled.raw, operation)).await;
+            pooled.broken |= ended_badly;
+            result
+        } else {
+            operation(&mut pooled.raw).await
+        };
         pooled.busy = false;
         if let Err(error) = &result {
             // From the error itself, never from its class: see `Backend::breaks_connection`.
@@ -63,6 +71,31 @@ impl<DB: Backend> Checkout<DB> {
         self.connection
             .as_ref()
             .is_some_and(|connection| connection.broken)
+    }
+}
+
+/// Runs `operation` in a transaction of its own, committed if it succeeds: behind a
+/// transaction-mode pooler, a transaction is what keeps one server connection, and sqlx sends
+/// a statement's parse and its execution in two round trips that must reach the same one. (A
+/// transaction the operation opens itself becomes a savepoint.) Returns whether ending the
+/// transaction left the connection unusable, besides the operation's result.
+async fn in_transaction<DB: Backend, T>(
+    raw: &mut DB::Connection,
+    operation: impl AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
+) -> (Result<T, sqlx::Error>, bool) {
+    let mut transaction = match sqlx::Connection::begin(raw).await {
+        Ok(transaction) => transaction,
+        Err(error) => return (Err(error), false),
+    };
+    match operation(&mut transaction).await {
+        Ok(value) => (transaction.commit().await.map(|()| value), false),
+        Err(error) => {
+            let ended_badly = transaction
+                .rollback()
+                .await
+                .is_err_and(|rollback| DB::breaks_connection(&rollback));
+            (Err(error), ended_badly)
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub(crate) struct PooledConnection<DB: Backend> {
     /// The server process behind it, where there is one and it is this connection's alone
     /// (not behind a transaction pooler).
     pub(crate) server_pid: Option<i32>,
+    /// Each operation on it runs in a transaction of its own (behind a transaction pooler).
+    pub(crate) one_transaction_per_call: bool,
     /// When a caller last gave it back (or when it was opened): the health loop's own use
     /// does not count, so its checks do not keep an idle connection from timing out.
     pub(crate) used_at: Instant,
@@ -168,9 +170,25 @@ impl<DB: Backend> ConnectionManager<DB> {
 
     /// Whether the server answers a new connection within `limit`: any answer, an error
     /// included, says it is alive.
+    ///
+    /// A transaction pooler takes connections whether its server is up or not: there the
+    /// question is a statement, and an error saying the pooler cannot reach its server (a
+    /// connection-class SQLSTATE) is no answer.
     pub(crate) async fn answers(&self, limit: Duration) -> bool {
-        let connect = Box::pin(self.options.connect());
-        match tokio::time::timeout(limit, connect).await {
+        let shared_servers = self.shared_servers;
+        let asked = async {
+            let mut connection = Box::pin(self.options.connect()).await?;
+            if shared_servers {
+                DB::role(&mut connection).await?;
+            }
+            Ok::<_, sqlx::Error>(connection)
+        };
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Err(sqlx::Error::Database(error)))
+                if shared_servers && error.code().is_some_and(|code| code.starts_with("08")) =>
+            {
+                false
+            }
             Ok(Ok(connection)) => {
                 // Said goodbye in the background: the answer is already in.
                 tokio::spawn(async move {
@@ -246,6 +264,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             busy: false,
             broken: false,
             server_pid: server_pid.filter(|_| !self.shared_servers),
+            one_transaction_per_call: self.shared_servers,
             used_at: Instant::now(),
             expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
             checked_at_loss: self.losses.load(Ordering::Relaxed),

@@ -70,29 +70,34 @@ pub struct EndpointOptions {
     /// connection. PostgreSQL only; default off.
     ///
     /// When on:
+    /// - Every operation on the endpoint runs in a transaction of its own (`BEGIN` ...
+    ///   `COMMIT`, two more round trips): sqlx sends a statement's parse and its execution in
+    ///   two round trips, and outside a transaction the pooler may put them on different
+    ///   server connections (`unnamed prepared statement does not exist`, or worse, another
+    ///   client's statement run with this one's parameters). A transaction the operation
+    ///   opens itself ([`transaction`](crate::ProtectedPool::transaction), `conn.begin()`)
+    ///   becomes a savepoint; `begin_with("BEGIN ISOLATION LEVEL ..")` is refused by sqlx
+    ///   inside one.
     /// - A query given to the pool ([`read`](crate::ProtectedPool::read),
     ///   [`write`](crate::ProtectedPool::write), [`auth`](crate::ProtectedPool::auth)) runs as
-    ///   an unnamed statement instead of a named prepared one. A named statement lives on the
-    ///   server connection that prepared it: the next client on that server connection that
-    ///   prepares the same name fails with `prepared statement "sqlx_s_1" already exists`,
-    ///   and a client moved to another server connection fails with `... does not exist`.
-    ///   (sqlx's `statement_cache_capacity(0)` does not avoid this in sqlx 0.9: statements are
-    ///   still named, only never cached nor closed.) This holds for the whole pool: with one
-    ///   endpoint behind a pooler, queries on the others are not prepared either.
-    /// - Code given a connection ([`read_with`](crate::ProtectedPool::read_with),
+    ///   an unnamed statement instead of a named prepared one: a named statement stays on the
+    ///   server connection that prepared it, where the next client preparing the same name
+    ///   fails with `prepared statement "sqlx_s_1" already exists`, and a client moved to
+    ///   another server connection fails with `... does not exist`. (sqlx's
+    ///   `statement_cache_capacity(0)` does not avoid this in sqlx 0.9: statements are still
+    ///   named, only never cached nor closed.) This holds for the whole pool: with one
+    ///   endpoint behind a pooler, queries on the others are not prepared either. Code given
+    ///   a connection ([`read_with`](crate::ProtectedPool::read_with),
     ///   [`transaction`](crate::ProtectedPool::transaction)) must do the same itself:
     ///   `.persistent(false)` on its queries.
     /// - A statement given up on (a timeout, a cancelled call) is not stopped with
-    ///   `pg_cancel_backend`: the server process behind the connection is not this client's
-    ///   alone, and the one seen when the connection was opened may now run another
-    ///   client's statement. The connection is closed instead; the pooler then drops its
-    ///   server connection. Use a server-side `statement_timeout` to bound statements.
-    ///
-    /// sqlx sends a statement's parse and its execution as two round trips; outside a
-    /// transaction, a pooler may put them on different server connections. Unnamed statements
-    /// make that rare, not impossible, when the pooler's server connections are all busy:
-    /// run statements whose parameters must not meet another client's statement inside
-    /// [`transaction`](crate::ProtectedPool::transaction), which keeps one server connection.
+    ///   `pg_cancel_backend`: the server process seen when the connection was opened is not
+    ///   this connection's, and may be running another client's statement by now. The
+    ///   connection is closed instead, and the pooler drops its server connection. Bound
+    ///   statements with a server-side `statement_timeout`.
+    /// - Whether the endpoint is alive is asked with a statement, not a new connection: the
+    ///   pooler takes connections whether its server is up or not, and its "cannot connect to
+    ///   server" errors (SQLSTATE class 08) count as no answer.
     pub transaction_pooler: bool,
     /// Longest a new connection may take to open; a refused connection fails at once.
     #[serde(with = "humantime_serde")]
