@@ -204,9 +204,8 @@ impl<DB: Backend> Endpoint<DB> {
             create: None,
             recycle: None,
         };
-        let quiet = false;
         let got = self.pool.timeout_get(&timeouts).await;
-        got.map(|connection| Checkout::new(connection, quiet))
+        got.map(|connection| Checkout::new(connection, false))
     }
 
     /// A free connection for the pool's own use, if one is idle now; it does not count as

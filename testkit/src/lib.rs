@@ -72,6 +72,11 @@
 //! # let _ = url; Ok(()) }
 //! ```
 //!
+//! # PgBouncer
+//!
+//! [`PgBouncer`] runs the machine's real `pgbouncer` in front of a server, in transaction
+//! mode by default, on a port of its own: for code that must work behind a pooler.
+//!
 //! # Binaries and users
 //!
 //! The PostgreSQL binaries come from `$PGTESTKIT_BIN_DIR` if set, else from
