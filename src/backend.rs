@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::{Database, Executor, Postgres, Sqlite};
+use sqlx::{Database, Executor, Postgres, Row, Sqlite};
 
 use crate::classify::{self, ErrorClass};
 use crate::role::{Observed, Role};
@@ -172,21 +172,25 @@ impl Backend for Postgres {
     async fn describe(
         connection: &mut Self::Connection,
     ) -> Result<(Option<i32>, Observed), sqlx::Error> {
-        let (pid, standby, server): (i32, bool, String) = sqlx::query_as(concat!(
-            "SELECT pg_backend_pid(), pg_is_in_recovery(), ",
-            server_identity!()
-        ))
-        .fetch_one(connection)
+        let row = simple_query(
+            connection,
+            concat!(
+                "SELECT pg_backend_pid(), pg_is_in_recovery(), ",
+                server_identity!()
+            ),
+        )
         .await?;
+        let (pid, standby, server) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         Ok((Some(pid), observed(standby, server)))
     }
 
     async fn role(connection: &mut Self::Connection) -> Result<Observed, sqlx::Error> {
-        let (standby, server): (bool, String) =
-            sqlx::query_as(concat!("SELECT pg_is_in_recovery(), ", server_identity!()))
-                .fetch_one(connection)
-                .await?;
-        Ok(observed(standby, server))
+        let row = simple_query(
+            connection,
+            concat!("SELECT pg_is_in_recovery(), ", server_identity!()),
+        )
+        .await?;
+        Ok(observed(row.try_get(0)?, row.try_get(1)?))
     }
 
     async fn cancel(
@@ -196,10 +200,7 @@ impl Backend for Postgres {
         // pg_cancel_backend, not a CancelRequest: sqlx keeps the session's secret key to
         // itself. A role may cancel its own sessions, so no privilege is needed.
         let mut connection = sqlx::ConnectOptions::connect(options).await?;
-        sqlx::query("SELECT pg_cancel_backend($1)")
-            .bind(pid)
-            .execute(&mut connection)
-            .await?;
+        simple_query(&mut connection, &format!("SELECT pg_cancel_backend({pid})")).await?;
         sqlx::Connection::close(connection).await
     }
 
@@ -209,7 +210,8 @@ impl Backend for Postgres {
         // Caught up (everything received is replayed) means no lag, however old the last
         // replayed transaction is: an idle primary sends nothing new. Behind with nothing
         // replayed since the server started, its data is at least as old as its start.
-        let lag: Option<f64> = sqlx::query_scalar(
+        let row = simple_query(
+            connection,
             "SELECT CASE
                  WHEN NOT pg_is_in_recovery() THEN NULL
                  WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
@@ -218,10 +220,23 @@ impl Backend for Postgres {
                      pg_last_xact_replay_timestamp(), pg_postmaster_start_time()))
              END::float8",
         )
-        .fetch_one(&mut *connection)
         .await?;
+        let lag: Option<f64> = row.try_get(0)?;
         Ok(lag.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
     }
+}
+
+/// The one row `sql` returns, over the simple query protocol: one message, so one
+/// transaction of a transaction-mode pooler. (The extended protocol that sqlx uses for
+/// `sqlx::query` sends a statement's parse and its execution in two round trips, which such a
+/// pooler may put on different server connections.) `sql` takes no parameters.
+async fn simple_query(
+    connection: &mut sqlx::PgConnection,
+    sql: &str,
+) -> Result<sqlx::postgres::PgRow, sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(connection)
+        .await
 }
 
 /// Which server answers, as the server sees itself: its address and port, and when its

@@ -22,7 +22,7 @@ pub mod telemetry;
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use config::PoolConfig;
-pub use endpoint::{EndpointOptions, PoolStatus, RoleChange};
+pub use endpoint::{AfterConnectFuture, EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};

@@ -4,13 +4,14 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::endpoint::EndpointOptions;
 use crate::problem::ConfigProblem;
 
 /// Where an endpoint is: its URL, or the environment variable holding it (to keep passwords
 /// out of files).
 ///
 /// Its `Debug` shows no URL: a URL may hold a password.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EndpointConfig {
     /// Its name in errors, reports and metrics; default `primary` / `replica-N`.
@@ -19,6 +20,15 @@ pub struct EndpointConfig {
     pub url: Option<String>,
     /// Environment variable holding the connection URL.
     pub url_env: Option<String>,
+    /// Its own connection pool settings, replacing the document's `[pool]` table for this
+    /// endpoint as a whole: a setting not given here takes its default, not `[pool]`'s.
+    ///
+    /// ```toml
+    /// [[replicas]]
+    /// url_env = "REPLICA_URL"
+    /// pool = { max_connections = 40, min_connections = 4, after_connect = ["SET search_path TO app"] }
+    /// ```
+    pub pool: Option<EndpointOptions>,
 }
 
 impl fmt::Debug for EndpointConfig {
@@ -27,6 +37,7 @@ impl fmt::Debug for EndpointConfig {
             .field("name", &self.name)
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("url_env", &self.url_env)
+            .field("pool", &self.pool)
             .finish()
     }
 }

@@ -11,12 +11,16 @@ use crate::backend::Backend;
 /// fresh connection; the server is asked to stop a statement given up on.
 pub(crate) struct Checkout<DB: Backend> {
     connection: Option<Connection<DB>>,
+    /// The pool's own use (the health loop): giving it back does not count as use for the
+    /// idle timeout.
+    quiet: bool,
 }
 
 impl<DB: Backend> Checkout<DB> {
-    pub(crate) fn new(connection: Connection<DB>) -> Self {
+    pub(crate) fn new(connection: Connection<DB>, quiet: bool) -> Self {
         Self {
             connection: Some(connection),
+            quiet,
         }
     }
 
@@ -40,7 +44,15 @@ impl<DB: Backend> Checkout<DB> {
     ) -> Result<T, sqlx::Error> {
         let pooled = self.pooled();
         pooled.busy = true;
-        let result = operation(&mut pooled.raw).await;
+        let result = if pooled.one_transaction_per_call {
+            // Boxed: the common path's future stays as small as it was.
+            let (result, ended_badly) =
+                Box::pin(in_transaction::<DB, T>(&mut pooled.raw, operation)).await;
+            pooled.broken |= ended_badly;
+            result
+        } else {
+            operation(&mut pooled.raw).await
+        };
         pooled.busy = false;
         if let Err(error) = &result {
             // From the error itself, never from its class: see `Backend::breaks_connection`.
@@ -96,12 +108,40 @@ impl<DB: Backend> Checkout<DB> {
     }
 }
 
+/// Runs `operation` in a transaction of its own, committed if it succeeds: behind a
+/// transaction-mode pooler, a transaction is what keeps one server connection, and sqlx sends
+/// a statement's parse and its execution in two round trips that must reach the same one. (A
+/// transaction the operation opens itself becomes a savepoint.) Returns whether ending the
+/// transaction left the connection unusable, besides the operation's result.
+async fn in_transaction<DB: Backend, T>(
+    raw: &mut DB::Connection,
+    operation: impl AsyncFnOnce(&mut DB::Connection) -> Result<T, sqlx::Error>,
+) -> (Result<T, sqlx::Error>, bool) {
+    let mut transaction = match sqlx::Connection::begin(raw).await {
+        Ok(transaction) => transaction,
+        Err(error) => return (Err(error), false),
+    };
+    match operation(&mut transaction).await {
+        Ok(value) => (transaction.commit().await.map(|()| value), false),
+        Err(error) => {
+            let ended_badly = transaction
+                .rollback()
+                .await
+                .is_err_and(|rollback| DB::breaks_connection(&rollback));
+            (Err(error), ended_badly)
+        }
+    }
+}
+
 impl<DB: Backend> Drop for Checkout<DB> {
     fn drop(&mut self) {
         let Some(mut connection) = self.connection.take() else {
             return;
         };
         if !connection.busy && !connection.broken {
+            if !self.quiet {
+                connection.used_at = std::time::Instant::now();
+            }
             return; // back to the pool
         }
         if let Some(pool) = Object::pool(&connection) {

@@ -9,6 +9,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use sqlx::{ConnectOptions, Connection};
 
 use super::EndpointOptions;
+use super::after_connect::AfterConnect;
 use super::role::RoleState;
 use crate::backend::Backend;
 
@@ -22,8 +23,14 @@ pub(crate) struct PooledConnection<DB: Backend> {
     pub(crate) busy: bool,
     /// It saw an error that ends a session (I/O, TLS, protocol, FATAL).
     pub(crate) broken: bool,
-    /// The server process behind it, where there is one.
+    /// The server process behind it, where there is one and it is this connection's alone
+    /// (not behind a transaction pooler).
     pub(crate) server_pid: Option<i32>,
+    /// Each operation on it runs in a transaction of its own (behind a transaction pooler).
+    pub(crate) one_transaction_per_call: bool,
+    /// When a caller last gave it back (or when it was opened): the health loop's own use
+    /// does not count, so its checks do not keep an idle connection from timing out.
+    pub(crate) used_at: Instant,
     expires_at: Option<Instant>,
     /// The endpoint's connection-loss count when this connection was last known good.
     checked_at_loss: u64,
@@ -38,7 +45,12 @@ impl<DB: Backend> PooledConnection<DB> {
 }
 
 pub(crate) struct ConnectionManager<DB: Backend> {
+    name: Arc<str>,
     options: <DB::Connection as Connection>::Options,
+    after_connect: AfterConnect<DB>,
+    /// Behind a transaction pooler: the server process seen at connect time is not this
+    /// connection's (see `EndpointOptions::transaction_pooler`).
+    shared_servers: bool,
     /// What every new connection says its server is.
     roles: Arc<RoleState>,
     /// When the health loop may next ask the server its role on a connection of its own, and
@@ -61,9 +73,13 @@ impl<DB: Backend> ConnectionManager<DB> {
         name: Arc<str>,
         options: <DB::Connection as Connection>::Options,
         settings: &EndpointOptions,
+        after_connect: AfterConnect<DB>,
     ) -> Self {
         Self {
+            name: name.clone(),
             options,
+            after_connect,
+            shared_servers: settings.transaction_pooler,
             roles: Arc::new(RoleState::new(name)),
             ask_again_at: Mutex::new(None),
             ask_refusals: AtomicU32::new(0),
@@ -162,9 +178,25 @@ impl<DB: Backend> ConnectionManager<DB> {
 
     /// Whether the server answers a new connection within `limit`: any answer, an error
     /// included, says it is alive.
+    ///
+    /// A transaction pooler takes connections whether its server is up or not: there the
+    /// question is a statement, and an error saying the pooler cannot reach its server (a
+    /// connection-class SQLSTATE) is no answer.
     pub(crate) async fn answers(&self, limit: Duration) -> bool {
-        let connect = Box::pin(self.options.connect());
-        match tokio::time::timeout(limit, connect).await {
+        let shared_servers = self.shared_servers;
+        let asked = async {
+            let mut connection = Box::pin(self.options.connect()).await?;
+            if shared_servers {
+                DB::role(&mut connection).await?;
+            }
+            Ok::<_, sqlx::Error>(connection)
+        };
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Err(sqlx::Error::Database(error)))
+                if shared_servers && error.code().is_some_and(|code| code.starts_with("08")) =>
+            {
+                false
+            }
             Ok(Ok(connection)) => {
                 // Said goodbye in the background: the answer is already in.
                 tokio::spawn(async move {
@@ -221,11 +253,27 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
                 }
             };
         self.roles.observe_server(observed);
+        // Part of opening the connection, so within the same bound.
+        let set_up = self.after_connect.run(&self.name, &mut raw);
+        match tokio::time::timeout(self.connect_timeout, set_up).await {
+            Ok(set_up) => set_up?,
+            Err(_) => {
+                return Err(sqlx::Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "after_connect did not finish within {:?}",
+                        self.connect_timeout
+                    ),
+                )));
+            }
+        }
         Ok(PooledConnection {
             raw,
             busy: false,
             broken: false,
-            server_pid,
+            server_pid: server_pid.filter(|_| !self.shared_servers),
+            one_transaction_per_call: self.shared_servers,
+            used_at: Instant::now(),
             expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })

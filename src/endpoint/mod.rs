@@ -1,5 +1,6 @@
 //! One endpoint: a database server, its connection pool and its breaker per route.
 
+mod after_connect;
 mod checkout;
 mod manager;
 mod options;
@@ -14,6 +15,8 @@ use deadpool::Runtime;
 use deadpool::managed::{Object, Pool, PoolError, Timeouts};
 use serde::Serialize;
 
+pub use after_connect::AfterConnectFuture;
+pub(crate) use after_connect::{AfterConnect, AfterConnectHook};
 pub use options::EndpointOptions;
 pub(crate) use options::duration_problem;
 
@@ -50,6 +53,12 @@ pub(crate) struct Endpoint<DB: Backend> {
     /// The role it was declared with: what it is taken for until its server says otherwise.
     pub(crate) hint: Role,
     pool: Pool<ConnectionManager<DB>>,
+    /// Connections kept open, and how long an idle one may stay beyond them.
+    min_connections: usize,
+    idle_timeout: Option<Duration>,
+    /// Held while topping up, so that `connect`'s warm-up and the health loop do not both
+    /// open the missing connections.
+    topping_up: tokio::sync::Mutex<()>,
     breakers: [CircuitBreaker; 3],
     metrics: [RouteMetrics; 3],
     /// Calls using this endpoint right now, for least-outstanding replica choice.
@@ -110,6 +119,9 @@ impl<DB: Backend> Endpoint<DB> {
             index,
             hint,
             pool,
+            min_connections: options.min_connections,
+            idle_timeout: options.idle_timeout,
+            topping_up: tokio::sync::Mutex::new(()),
             breakers,
             metrics,
             outstanding: AtomicUsize::new(0),
@@ -192,7 +204,61 @@ impl<DB: Backend> Endpoint<DB> {
             create: None,
             recycle: None,
         };
-        self.pool.timeout_get(&timeouts).await.map(Checkout::new)
+        let got = self.pool.timeout_get(&timeouts).await;
+        got.map(|connection| Checkout::new(connection, false))
+    }
+
+    /// A free connection for the pool's own use, if one is idle now; it does not count as
+    /// use for the idle timeout.
+    async fn checkout_quietly(&self) -> Result<Checkout<DB>, PoolError<sqlx::Error>> {
+        let timeouts = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        let got = self.pool.timeout_get(&timeouts).await;
+        got.map(|connection| Checkout::new(connection, true))
+    }
+
+    /// Opens connections until `min_connections` are open, each within `limit`; returns
+    /// how many were opened. Connections idle in the pool are taken first, so only the
+    /// missing ones are opened; all are given back at once.
+    pub(crate) async fn top_up(&self, limit: Duration) -> Result<usize, PoolError<sqlx::Error>> {
+        if self.min_connections == 0 {
+            return Ok(0);
+        }
+        let _only_one = self.topping_up.lock().await;
+        let before = self.pool.status().size;
+        if before >= self.min_connections {
+            return Ok(0);
+        }
+        let mut held = Vec::with_capacity(self.min_connections);
+        while self.pool.status().size < self.min_connections {
+            let taken = tokio::time::timeout(limit, self.checkout_quietly()).await;
+            match taken {
+                Ok(Ok(checkout)) => held.push(checkout),
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(PoolError::Timeout(deadpool::managed::TimeoutType::Create)),
+            }
+        }
+        Ok(self.pool.status().size.saturating_sub(before))
+    }
+
+    /// Closes connections idle past the idle timeout, keeping `min_connections` open;
+    /// returns how many were closed.
+    fn close_idle(&self) -> usize {
+        let Some(idle_timeout) = self.idle_timeout else {
+            return 0;
+        };
+        let mut closable = self.pool.status().size.saturating_sub(self.min_connections);
+        self.pool
+            .retain(|connection, _| {
+                let close = closable > 0 && connection.used_at.elapsed() >= idle_timeout;
+                closable -= usize::from(close);
+                !close
+            })
+            .removed
+            .len()
     }
 
     /// A new connection could not be made: the idle ones are suspect too, and what the
@@ -212,11 +278,52 @@ impl<DB: Backend> Endpoint<DB> {
     /// server went away since it was last used (a crash, a restart): every idle connection
     /// not checked since is closed now, so no caller meets one. With no idle connection the
     /// question goes over a connection of its own, outside the pool, so the pool's counts are
-    /// the callers' alone. Returns how many dead connections were closed.
+    /// the callers' alone. Before that, connections idle past the idle timeout are closed;
+    /// after it, connections are opened up to `min_connections`. Returns how many dead
+    /// connections were closed.
     pub(crate) async fn check_health(&self, limit: Duration) -> usize {
+        let idle_closed = self.close_idle();
+        if idle_closed > 0 {
+            tracing::debug!(
+                endpoint = &*self.name,
+                idle_closed,
+                "closed idle connections"
+            );
+        }
+        let (closed, answered) = self.check_idle_connections(limit).await;
+        // While a breaker is not closed, its recovery probe connects through the pool, and
+        // every new connection says what the server is: no need to ask on the side, nor to
+        // open connections to a server that is likely away.
+        let probing = self
+            .breakers()
+            .any(|(_, breaker)| !matches!(breaker.state(), State::Closed | State::Disabled));
+        if probing {
+            return closed;
+        }
+        match self.top_up(limit).await {
+            // A new connection said what the server is.
+            Ok(opened) if opened > 0 => return closed,
+            Ok(_) if answered => return closed,
+            Ok(_) => {}
+            Err(error) => tracing::debug!(
+                endpoint = &*self.name,
+                %error,
+                "could not open the connections min_connections keeps"
+            ),
+        }
+        if DB::CHANGES_ROLES {
+            self.pool.manager().ask_role(limit).await;
+        }
+        closed
+    }
+
+    /// The first part of [`check_health`](Self::check_health): asks over an idle
+    /// connection, closing dead ones. Returns how many were closed, and whether that settled
+    /// the question (an answer, a hang, or an error from a live connection).
+    async fn check_idle_connections(&self, limit: Duration) -> (usize, bool) {
         let mut closed = 0;
         while self.pool.status().available > 0 {
-            let checkout = tokio::time::timeout(limit, self.checkout(Duration::ZERO)).await;
+            let checkout = tokio::time::timeout(limit, self.checkout_quietly()).await;
             let Ok(Ok(mut checkout)) = checkout else {
                 break;
             };
@@ -224,14 +331,14 @@ impl<DB: Backend> Endpoint<DB> {
             let dead = match asked.await {
                 Ok(Ok(observed)) => {
                     self.roles().observe_server(observed);
-                    return closed;
+                    return (closed, true);
                 }
                 Ok(Err(_)) => checkout.is_broken() && !checkout.is_fresh(),
-                Err(_) => return closed, // a hang is the breakers' business
+                Err(_) => return (closed, true), // a hang is the breakers' business
             };
             drop(checkout);
             if !dead {
-                return closed;
+                return (closed, true);
             }
             let manager = self.pool.manager();
             closed += self
@@ -240,15 +347,7 @@ impl<DB: Backend> Endpoint<DB> {
                 .removed
                 .len();
         }
-        // While a breaker is not closed, its recovery probe connects through the pool, and
-        // every new connection says what the server is: no need to ask on the side.
-        let probing = self
-            .breakers()
-            .any(|(_, breaker)| !matches!(breaker.state(), State::Closed | State::Disabled));
-        if DB::CHANGES_ROLES && !probing {
-            self.pool.manager().ask_role(limit).await;
-        }
-        closed
+        (closed, false)
     }
 
     pub(crate) fn status(&self) -> PoolStatus {

@@ -99,8 +99,36 @@ pub(crate) struct PoolInner<DB: Backend> {
     /// The longest a cache operation may take before it counts as a miss.
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
+    /// Queries given to the pool run as unnamed statements: an endpoint is behind a
+    /// transaction pooler (see `EndpointOptions::transaction_pooler`).
+    unnamed_statements: bool,
     /// When the pool was built.
     started: std::time::Instant,
+}
+
+impl<DB: Backend> PoolInner<DB> {
+    /// Opens every endpoint's `min_connections`, endpoints at once; one that cannot is
+    /// left to the health loop.
+    async fn warm_up(&self) {
+        let limit = self.connect_timeout;
+        let mut warming = tokio::task::JoinSet::new();
+        for index in 0..self.endpoints.len() {
+            let Some(pool) = self.me.upgrade() else {
+                return;
+            };
+            warming.spawn(async move {
+                let endpoint = &pool.endpoints[index];
+                if let Err(error) = endpoint.top_up(limit).await {
+                    tracing::warn!(
+                        endpoint = &*endpoint.name,
+                        %error,
+                        "could not open min_connections; the health loop tries again"
+                    );
+                }
+            });
+        }
+        while warming.join_next().await.is_some() {}
+    }
 }
 
 impl<DB: Backend> Clone for ProtectedPool<DB> {

@@ -479,7 +479,9 @@ pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
     cache: Option<CacheRequest<T>>,
     fallback: Option<BoxedFallback<T>>,
 ) -> impl Future<Output = Result<Served<T>>> + Send + 'p {
+    let unnamed = pool.inner.unnamed_statements;
     let prepared = statement
+        .map(|statement| statement.unnamed_if(unnamed))
         .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
             let sql = statement.sql.clone();
             (

@@ -38,6 +38,13 @@ impl<DB: Backend> Statement<DB> {
         })
     }
 
+    /// The same statement, run unnamed if `unnamed` (behind a transaction pooler: a named
+    /// statement lives on one server connection, see `EndpointOptions::transaction_pooler`).
+    pub(crate) fn unnamed_if(mut self, unnamed: bool) -> Self {
+        self.persistent &= !unnamed;
+        self
+    }
+
     fn parts(&self) -> (SqlStr, Bound<DB>) {
         (self.sql.clone(), Bound(self.arguments.clone()))
     }

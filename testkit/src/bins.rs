@@ -17,7 +17,7 @@ const VERSIONED_ROOTS: &[&str] = &["/usr/lib/postgresql"];
 /// The binaries a directory must hold to run a server.
 const SERVER_BINARIES: &[&str] = &["initdb", "pg_ctl", "postgres"];
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -18,6 +18,11 @@ pub enum HarnessError {
         /// Every place that was looked at, in order, with what was wrong there.
         searched: Vec<String>,
     },
+    /// No `pgbouncer` program was found (see [`PgBouncer`](crate::PgBouncer)).
+    PgBouncerNotFound {
+        /// Every place that was looked at, in order.
+        searched: Vec<String>,
+    },
     /// Running as root (PostgreSQL refuses that), but there is no `postgres`
     /// OS user to run the server as.
     NoServerUser {
@@ -109,6 +114,17 @@ impl fmt::Display for HarnessError {
                     "\ninstall PostgreSQL (Debian: `apt-get install postgresql`) or set \
                      {} to its bin directory",
                     crate::bins::BIN_DIR_ENV
+                )
+            }
+            HarnessError::PgBouncerNotFound { searched } => {
+                write!(f, "no pgbouncer program found; looked in:")?;
+                for place in searched {
+                    write!(f, "\n  - {place}")?;
+                }
+                write!(
+                    f,
+                    "\ninstall it (Debian: `apt-get install pgbouncer`) or set {} to it",
+                    crate::pgbouncer::PGBOUNCER_ENV
                 )
             }
             HarnessError::NoServerUser { user } => write!(

@@ -72,6 +72,11 @@
 //! # let _ = url; Ok(()) }
 //! ```
 //!
+//! # PgBouncer
+//!
+//! [`PgBouncer`] runs the machine's real `pgbouncer` in front of a server, in transaction
+//! mode by default, on a port of its own: for code that must work behind a pooler.
+//!
 //! # Binaries and users
 //!
 //! The PostgreSQL binaries come from `$PGTESTKIT_BIN_DIR` if set, else from
@@ -134,6 +139,7 @@ mod container;
 mod error;
 mod local;
 mod options;
+mod pgbouncer;
 mod procs;
 mod programs;
 mod proxy;
@@ -147,6 +153,7 @@ pub use backend::{BACKEND_ENV, Backend};
 pub use bins::BIN_DIR_ENV;
 pub use container::{IMAGE_ENV, IMAGE_TAG_ENV, SUPERUSER_PASSWORD};
 pub use error::{HarnessError, Result};
+pub use pgbouncer::{PGBOUNCER_ENV, PgBouncer, PgBouncerBuilder};
 pub use proxy::{FaultMode, FaultProxy};
 pub use server::{APP_PASSWORD, APP_USER, PgServer, PgServerBuilder};
 pub use site::TMPDIR_ENV;

@@ -283,7 +283,7 @@ fn sweep_orphans() {
 /// handled by retrying on a new port.
 static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-fn reserve_port() -> Result<u16> {
+pub(crate) fn reserve_port() -> Result<u16> {
     for _ in 0..100 {
         let listener = std::net::TcpListener::bind((HOST, 0))
             .map_err(|e| HarnessError::io("finding a free port", e))?;
@@ -302,7 +302,7 @@ fn reserve_port() -> Result<u16> {
     ))
 }
 
-fn release_port(port: u16) {
+pub(crate) fn release_port(port: u16) {
     PORTS
         .lock()
         .unwrap_or_else(|p| p.into_inner())

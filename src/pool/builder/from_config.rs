@@ -30,7 +30,11 @@ impl<DB: Backend> PoolBuilder<DB> {
                 }
             };
             let name = endpoint.name.clone().unwrap_or(default_name);
-            EndpointSpec { name, target }
+            EndpointSpec {
+                name,
+                target,
+                options: endpoint.pool.clone(),
+            }
         };
         builder.primary = config
             .primary

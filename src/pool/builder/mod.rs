@@ -22,7 +22,10 @@ use crate::breaker::BreakerConfig;
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::config::PoolConfig;
-use crate::endpoint::{ConnectionManager, Endpoint, EndpointOptions};
+use crate::endpoint::{
+    AfterConnect, AfterConnectFuture, AfterConnectHook, ConnectionManager, Endpoint,
+    EndpointOptions,
+};
 use crate::error::Result;
 use crate::fallback::{FallbackContext, RouteFallbacks};
 use crate::problem::ConfigProblem;
@@ -42,6 +45,8 @@ enum Target<DB: Backend> {
 struct EndpointSpec<DB: Backend> {
     name: String,
     target: Target<DB>,
+    /// Its own pool settings (a config file's endpoint `pool` table), replacing the pool's.
+    options: Option<EndpointOptions>,
 }
 
 /// Builds a [`ProtectedPool`]. Every problem in the configuration is reported at once by
@@ -51,6 +56,9 @@ pub struct PoolBuilder<DB: Backend> {
     primary: Option<EndpointSpec<DB>>,
     replicas: Vec<EndpointSpec<DB>>,
     options: EndpointOptions,
+    /// Settings of one endpoint each, by name, replacing `options` for it.
+    options_for: Vec<(String, EndpointOptions)>,
+    after_connect: Option<AfterConnectHook<DB>>,
     routes: [RouteConfig; 3],
     read_preference: ReadPreference,
     replica_selection: ReplicaSelection,
@@ -82,6 +90,8 @@ impl<DB: Backend> fmt::Debug for PoolBuilder<DB> {
                     .collect::<Vec<_>>(),
             )
             .field("options", &self.options)
+            .field("options_for", &self.options_for)
+            .field("after_connect", &self.after_connect.is_some())
             .field("routes", &self.routes)
             .field("cache", &self.cache)
             .field("fallbacks", &self.fallbacks)
@@ -95,6 +105,8 @@ impl<DB: Backend> PoolBuilder<DB> {
             primary: None,
             replicas: Vec::new(),
             options: EndpointOptions::default(),
+            options_for: Vec::new(),
+            after_connect: None,
             routes: Route::ALL.map(RouteConfig::for_route),
             read_preference: ReadPreference::default(),
             replica_selection: ReplicaSelection::default(),
@@ -140,6 +152,7 @@ impl<DB: Backend> PoolBuilder<DB> {
         self.primary = Some(EndpointSpec {
             name: name.into(),
             target: Target::Url(url),
+            options: None,
         });
         self
     }
@@ -188,12 +201,14 @@ impl<DB: Backend> PoolBuilder<DB> {
             self.primary = Some(EndpointSpec {
                 name: first.name,
                 target: Target::Url(first.url),
+                options: None,
             });
         }
         for host in hosts {
             self.replicas.push(EndpointSpec {
                 name: host.name,
                 target: Target::Url(host.url),
+                options: None,
             });
         }
         self
@@ -205,6 +220,7 @@ impl<DB: Backend> PoolBuilder<DB> {
         self.primary = Some(EndpointSpec {
             name: name.into(),
             target: Target::Options(Box::new(options)),
+            options: None,
         });
         self
     }
@@ -220,6 +236,7 @@ impl<DB: Backend> PoolBuilder<DB> {
         self.replicas.push(EndpointSpec {
             name: name.into(),
             target: Target::Url(url.into()),
+            options: None,
         });
         self
     }
@@ -229,6 +246,7 @@ impl<DB: Backend> PoolBuilder<DB> {
         self.replicas.push(EndpointSpec {
             name: name.into(),
             target: Target::Options(Box::new(options)),
+            options: None,
         });
         self
     }
@@ -266,9 +284,71 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
-    /// Connection pool settings of every endpoint.
+    /// Connection pool settings of every endpoint (but those given their own with
+    /// [`endpoint_options_for`](Self::endpoint_options_for)).
     pub fn endpoint_options(mut self, options: EndpointOptions) -> Self {
         self.options = options;
+        self
+    }
+
+    /// Connection pool settings of the endpoint named `name`, replacing those of
+    /// [`endpoint_options`](Self::endpoint_options) for it: a replica that takes most reads
+    /// may keep more connections than the primary. A name that is no endpoint's is a
+    /// problem reported by [`build`](Self::build); a second call for a name replaces the
+    /// first.
+    ///
+    /// ```
+    /// use protected_pool::{EndpointOptions, ProtectedPool};
+    ///
+    /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// # let _guard = runtime.enter();
+    /// let common = EndpointOptions { max_connections: 10, ..EndpointOptions::default() };
+    /// let pool: ProtectedPool = ProtectedPool::builder()
+    ///     .primary("postgres://app@db-primary/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .endpoint_options(common.clone())
+    ///     .endpoint_options_for("replica-1", EndpointOptions { max_connections: 40, ..common })
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(pool.status("primary").unwrap().max_size, 10);
+    /// assert_eq!(pool.status("replica-1").unwrap().max_size, 40);
+    /// ```
+    pub fn endpoint_options_for(
+        mut self,
+        name: impl Into<String>,
+        options: EndpointOptions,
+    ) -> Self {
+        let name = name.into();
+        self.options_for.retain(|(known, _)| *known != name);
+        self.options_for.push((name, options));
+        self
+    }
+
+    /// Runs `hook` on every new connection of every endpoint before it is handed out, after
+    /// the endpoint's [`after_connect`](EndpointOptions::after_connect) statements, as
+    /// sqlx's `PoolOptions::after_connect` does: to set `search_path`, `statement_timeout`,
+    /// `application_name`, register types... An error fails that connection's creation (the
+    /// caller gets it, classified as any error opening a connection is) and the connection
+    /// is closed, never handed out. It runs within the endpoint's `connect_timeout`.
+    ///
+    /// ```
+    /// use protected_pool::ProtectedPool;
+    /// use sqlx::Executor;
+    ///
+    /// let builder = ProtectedPool::<sqlx::Postgres>::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .after_connect(|conn| {
+    ///         Box::pin(async move {
+    ///             conn.execute("SET application_name = 'billing'").await?;
+    ///             Ok(())
+    ///         })
+    ///     });
+    /// ```
+    pub fn after_connect<F>(mut self, hook: F) -> Self
+    where
+        F: for<'c> Fn(&'c mut DB::Connection) -> AfterConnectFuture<'c> + Send + Sync + 'static,
+    {
+        self.after_connect = Some(Arc::new(hook));
         self
     }
 
@@ -360,6 +440,10 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// probes start now when called inside a tokio runtime, else with the first call.
     pub fn build(self) -> Result<ProtectedPool<DB>> {
         let validated = self.check()?;
+        let unnamed_statements = validated
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.options.transaction_pooler);
         let listeners = Arc::new(PoolListeners::default());
         for listener in self.listeners {
             listeners.add(listener);
@@ -379,17 +463,22 @@ impl<DB: Backend> PoolBuilder<DB> {
                 for (route, breaker) in Route::ALL.into_iter().zip(&endpoint.breakers) {
                     wiring::wire_breaker(breaker, &endpoint.name, route, &listeners, &wakeup);
                 }
+                let after_connect = AfterConnect::new(
+                    endpoint.options.after_connect.clone(),
+                    self.after_connect.clone(),
+                );
                 let manager = ConnectionManager::<DB>::new(
                     endpoint.name.clone(),
                     endpoint.connect,
-                    &self.options,
+                    &endpoint.options,
+                    after_connect,
                 );
                 Endpoint::new(
                     endpoint.name,
                     index,
                     role,
                     manager,
-                    &self.options,
+                    &endpoint.options,
                     endpoint.breakers,
                     wakeup,
                 )
@@ -420,6 +509,7 @@ impl<DB: Backend> PoolBuilder<DB> {
                 .unwrap_or_else(|| Arc::new(MemoryCache::default())),
             cache_timeout: self.cache_timeout,
             fallbacks: self.fallbacks,
+            unnamed_statements,
             started: std::time::Instant::now(),
         });
         let pool = Arc::downgrade(&inner);
@@ -434,11 +524,14 @@ impl<DB: Backend> PoolBuilder<DB> {
 
     /// Builds the pool and checks that the primary answers, so a wrong password or an
     /// unreachable server is reported now rather than at the first call. The check goes
-    /// through the write route and counts toward its breaker like any call.
+    /// through the write route and counts toward its breaker like any call. Then every
+    /// endpoint opens its [`min_connections`](EndpointOptions::min_connections); one that
+    /// cannot is left to the health loop, which tries again.
     pub async fn connect(self) -> Result<ProtectedPool<DB>> {
         let pool = self.build()?;
         pool.with_connection(Route::Write, async |connection| connection.ping().await)
             .await?;
+        pool.inner.warm_up().await;
         Ok(pool)
     }
 }

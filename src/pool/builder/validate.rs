@@ -7,7 +7,7 @@ use super::url::connect_options;
 use super::{ConnectOptionsOf, PoolBuilder};
 use crate::backend::Backend;
 use crate::breaker::CircuitBreaker;
-use crate::endpoint::duration_problem;
+use crate::endpoint::{EndpointOptions, duration_problem};
 use crate::problem::{ConfigError, ConfigProblem};
 use crate::route::Route;
 
@@ -15,6 +15,8 @@ use crate::route::Route;
 pub(super) struct ValidEndpoint<DB: Backend> {
     pub(super) name: Arc<str>,
     pub(super) connect: ConnectOptionsOf<DB>,
+    /// Its pool settings: its own, else the pool's.
+    pub(super) options: EndpointOptions,
     /// Its breaker per route, in [`Route::ALL`] order, not wired to anything yet.
     pub(super) breakers: [CircuitBreaker; 3],
 }
@@ -48,6 +50,7 @@ impl<DB: Backend> PoolBuilder<DB> {
             .collect();
         self.check_names(&mut problems);
         self.options.validate_into("pool", &mut problems);
+        let own_options = self.own_options(&mut problems);
         for route in Route::ALL {
             let config = &self.routes[route.index()];
             config
@@ -71,7 +74,7 @@ impl<DB: Backend> PoolBuilder<DB> {
         let specs = self.primary.iter().chain(&self.replicas);
         let connects = std::iter::once(primary).chain(replicas);
         let mut endpoints = Vec::with_capacity(self.replicas.len() + 1);
-        for (spec, connect) in specs.zip(connects) {
+        for ((spec, connect), options) in specs.zip(connects).zip(own_options) {
             // Every URL without a problem parsed: `connect` is there.
             let Some(connect) = connect else { continue };
             let name: Arc<str> = spec.name.as_str().into();
@@ -83,10 +86,50 @@ impl<DB: Backend> PoolBuilder<DB> {
             endpoints.push(ValidEndpoint {
                 name,
                 connect,
+                options: options.unwrap_or_else(|| self.options.clone()),
                 breakers: [read?, write?, auth?],
             });
         }
         Ok(Validated { endpoints })
+    }
+
+    /// Each endpoint's own pool settings, if it has any (in endpoint order), each checked
+    /// at its path: `endpoint_options_for` by name, else the endpoint's own `pool` table.
+    fn own_options(&self, problems: &mut Vec<ConfigProblem>) -> Vec<Option<EndpointOptions>> {
+        let paths = std::iter::once("primary".to_owned())
+            .filter(|_| self.primary.is_some())
+            .chain((0..self.replicas.len()).map(|index| format!("replicas[{index}]")));
+        let specs = self.primary.iter().chain(&self.replicas);
+        let own: Vec<Option<EndpointOptions>> = specs
+            .zip(paths)
+            .map(|(spec, path)| {
+                if let Some((_, options)) =
+                    self.options_for.iter().find(|(name, _)| *name == spec.name)
+                {
+                    options
+                        .validate_into(&format!("endpoint_options_for({:?})", spec.name), problems);
+                    Some(options.clone())
+                } else {
+                    let options = spec.options.clone()?;
+                    options.validate_into(&format!("{path}.pool"), problems);
+                    Some(options)
+                }
+            })
+            .collect();
+        for (name, _) in &self.options_for {
+            let known = self
+                .primary
+                .iter()
+                .chain(&self.replicas)
+                .any(|spec| spec.name == *name);
+            if !known {
+                problems.push(ConfigProblem::new(
+                    format!("endpoint_options_for({name:?})"),
+                    "no endpoint has this name",
+                ));
+            }
+        }
+        own
     }
 
     fn check_names(&self, problems: &mut Vec<ConfigProblem>) {
