@@ -331,3 +331,55 @@ async fn reads_fail_over_from_a_pgbouncer_whose_server_died_and_come_back() {
         read_breaker.state()
     );
 }
+
+/// Streams and sqlx code through the pool's executors, with the setting: each stream is one
+/// transaction, so its round trips reach one server connection while other clients share it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_executors_work_through_pgbouncer_with_the_setting() {
+    use futures_util::TryStreamExt;
+
+    let pg = PgServer::start().await.expect("start the server");
+    let bouncer = PgBouncer::builder()
+        .default_pool_size(1)
+        .start(&pg)
+        .await
+        .expect("start pgbouncer");
+    let pool = ProtectedPool::<Postgres>::builder()
+        .primary(bouncer.url())
+        .endpoint_options(pooler(true, 4))
+        .connect()
+        .await
+        .expect("connect");
+    let streams: Vec<_> = (0..4)
+        .map(|n| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let rows: Vec<i32> = pool
+                    .read(
+                        sqlx::query_scalar::<_, i32>(
+                            "SELECT $1::int + g FROM generate_series(1, 50) g",
+                        )
+                        .bind(n * 1000),
+                    )
+                    .fetch()
+                    .try_collect()
+                    .await?;
+                let through_executor: i64 = sqlx::query_scalar("SELECT $1::int8 * 2")
+                    .bind(i64::from(n))
+                    .fetch_one(pool.reader())
+                    .await
+                    .map_err(|error| protected_pool::Error::from_sqlx(&error).is_some())
+                    .expect("the executor's statement");
+                assert_eq!(through_executor, i64::from(n) * 2);
+                Ok::<_, protected_pool::Error>((n, rows))
+            })
+        })
+        .collect();
+    for stream in streams {
+        let (n, rows) = guarded("a stream", stream)
+            .await
+            .expect("the stream task")
+            .expect("a stream through pgbouncer");
+        assert_eq!(rows, (1..=50).map(|g| n * 1000 + g).collect::<Vec<_>>());
+    }
+}

@@ -79,6 +79,14 @@ impl<DB: Backend> Checkout<DB> {
         }
     }
 
+    /// Whether each use of the connection must be a transaction of its own (behind a
+    /// transaction-mode pooler, see [`run`](Self::run)).
+    pub(crate) fn one_transaction_per_call(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|connection| connection.one_transaction_per_call)
+    }
+
     /// The connection, as it is (neither busy nor idle is changed).
     pub(crate) fn raw(&self) -> &DB::Connection {
         &self.connection.as_ref().expect("present until dropped").raw

@@ -150,6 +150,10 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// `&pool` directly). Getting it goes through the route's breakers and endpoints like
     /// any call; what runs on it afterwards is not replayed, measured or timed by the pool.
     ///
+    /// Behind a transaction-mode pooler (`EndpointOptions::transaction_pooler`) a held
+    /// connection is a server connection only inside a transaction: use
+    /// [`begin`](Self::begin) there, with `.persistent(false)` statements.
+    ///
     /// ```no_run
     /// # async fn demo(pool: protected_pool::ProtectedPool) -> Result<(), sqlx::Error> {
     /// use protected_pool::Route;

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 use futures_util::StreamExt;
 use sqlx::{Database, Either};
+use sqlx_core::transaction::TransactionManager;
 use tokio::sync::mpsc;
 use tokio::time::timeout_at;
 
@@ -20,6 +21,7 @@ use super::failover::Replay;
 use super::handout::{Taken, Use};
 use super::statement::{Statement, Steps};
 use crate::backend::Backend;
+use crate::endpoint::Checkout;
 use crate::error::{Error, Result};
 use crate::route::Route;
 
@@ -74,7 +76,7 @@ impl<DB: Backend> PoolInner<DB> {
         let (sender, items) = mpsc::channel(1);
         let driver = async move {
             let statement = match statement {
-                Ok(statement) => statement,
+                Ok(statement) => statement.unnamed_if(self.unnamed_statements),
                 Err(error) => {
                     let _ = sender.send(Err(error)).await;
                     return;
@@ -96,6 +98,8 @@ impl<DB: Backend> PoolInner<DB> {
         }
     }
 }
+
+type Manager<DB> = <DB as Database>::TransactionManager;
 
 /// A statement streamed on a connection handed out: its first item is the first step.
 struct Streaming<'x, DB: Backend, T> {
@@ -147,18 +151,34 @@ async fn stream_from<DB: Backend, T>(
         deadline,
     } = taken;
     let route = verdict.route;
+    // Behind a transaction-mode pooler the statement's round trips must reach one server
+    // connection: the whole stream is one transaction.
+    let own_transaction = checkout.one_transaction_per_call();
+    if own_transaction {
+        match timeout_at(deadline, Manager::<DB>::begin(checkout.busy(), None)).await {
+            Err(_) => return Err(verdict.timed_out()),
+            Ok(Err(source)) => return Err(verdict.failed(&mut checkout, source)),
+            Ok(Ok(())) => {}
+        }
+    }
     let mut steps = statement.fetch_many_on(checkout.busy());
     let first = match timeout_at(deadline, next_kept::<DB, T>(&mut steps, pick)).await {
         Err(_) => return Err(verdict.timed_out()),
         Ok(Some(Err(source))) => {
             drop(steps);
-            return Err(verdict.failed(&mut checkout, source));
+            let source = end(&mut checkout, own_transaction, Err(source)).await;
+            return Err(verdict.failed(&mut checkout, source.unwrap_err()));
         }
         Ok(None) => {
             drop(steps);
-            checkout.idle(None);
-            verdict.succeeded();
-            return Ok(());
+            return match end(&mut checkout, own_transaction, Ok(())).await {
+                Ok(()) => {
+                    checkout.idle(None);
+                    verdict.succeeded();
+                    Ok(())
+                }
+                Err(source) => Err(verdict.failed(&mut checkout, source)),
+            };
         }
         Ok(Some(Ok(first))) => first,
     };
@@ -181,6 +201,11 @@ async fn stream_from<DB: Backend, T>(
         }
     }
     drop(steps);
+    let ended = match failure {
+        Some(source) => end(&mut checkout, own_transaction, Err(source)).await,
+        None => end(&mut checkout, own_transaction, Ok(())).await,
+    };
+    let failure = ended.err();
     checkout.idle(failure.as_ref());
     if let Some(source) = failure {
         let outcome_unknown = checkout.is_broken();
@@ -194,4 +219,27 @@ async fn stream_from<DB: Backend, T>(
         let _ = sender.send(Err(error)).await;
     }
     Ok(())
+}
+
+/// Ends the stream's own transaction, if it has one: committed after a clean end, rolled back
+/// after `outcome`'s error (which stays the error to report).
+async fn end<DB: Backend>(
+    checkout: &mut Checkout<DB>,
+    own_transaction: bool,
+    outcome: Result<(), sqlx::Error>,
+) -> Result<(), sqlx::Error> {
+    if !own_transaction {
+        return outcome;
+    }
+    let raw = checkout.busy();
+    match outcome {
+        Ok(()) => Manager::<DB>::commit(raw).await,
+        Err(error) => {
+            if let Err(rollback) = Manager::<DB>::rollback(raw).await {
+                // The connection may be gone with it; the first error is the one to report.
+                checkout.idle(Some(&rollback));
+            }
+            Err(error)
+        }
+    }
 }
