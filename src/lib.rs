@@ -18,6 +18,8 @@ mod endpoint;
 mod error;
 pub mod fallback;
 mod health;
+#[cfg(feature = "axum")]
+mod http;
 mod pool;
 mod problem;
 mod role;
