@@ -47,6 +47,8 @@ use operation::{Closure, Once};
 /// PostgreSQL. Code built with `sqlite` alone should name its database,
 /// `ProtectedPool<Sqlite>`, so that it keeps compiling then.
 #[cfg(feature = "postgres")]
+// Labelled by what it needs, either database, rather than by this definition's own cfg.
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub type DefaultDatabase = sqlx::Postgres;
 /// The database of a [`ProtectedPool`] whose type names none: [`sqlx::Postgres`] when the
 /// `postgres` feature is on (it is by default), else [`sqlx::Sqlite`].
