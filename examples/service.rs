@@ -2,7 +2,8 @@
 //! writes refused fast with `Retry-After`, `/health` from `pool.health()`, Prometheus metrics
 //! and an admin endpoint that resets breakers.
 //!
-//! `cargo run --example service` — without `DATABASE_URL` it starts a throwaway PostgreSQL
+//! `cargo run --example service --features axum` (the pool's errors become responses through
+//! the `axum` feature) — without `DATABASE_URL` it starts a throwaway PostgreSQL
 //! from the machine's binaries (see `testkit/`). The first line on stdout is the address:
 //! `listening on http://127.0.0.1:3000`; logs go to stderr (`RUST_LOG`, default `info`).
 //!
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Request, State};
-use axum::http::header::{AGE, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::header::{AGE, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -283,8 +284,7 @@ async fn get_user(
         .read(query)
         .cached(format!("user:{id}"), state.cache_ttl)
         .fetch_optional()
-        .await
-        .map_err(|error| ApiError::from_pool(&error))?;
+        .await?;
     let headers = provenance(&served);
     Ok(match served.into_inner() {
         Some(user) => (headers, Json(user)).into_response(),
@@ -357,7 +357,7 @@ async fn create_user(
             };
             Err(ApiError::new(StatusCode::CONFLICT, "conflict", message))
         }
-        Err(error) => Err(ApiError::from_pool(&error)),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -430,7 +430,7 @@ async fn reset_breakers(
             .pool
             .reset(route, &name)
             .and_then(|()| state.pool.breaker(route, &name));
-        let breaker = reset.map_err(|error| ApiError::from_pool(&error).into_response())?;
+        let breaker = reset.map_err(IntoResponse::into_response)?;
         endpoints.push(serde_json::json!({ "name": name, "state": breaker.state() }));
     }
     tracing::warn!(route = route.as_str(), "breakers reset by an operator");
@@ -449,110 +449,61 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-/// An error response: a status, a JSON body, and `Retry-After` when it is known.
+/// An error response. The service's own refusals carry a JSON body of the same shape as the
+/// pool's: `{"error": code, "message": ..}`.
 #[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// Whole seconds.
-    retry_after: Option<u64>,
-    /// A write failed after it was sent: it may or may not have happened.
-    outcome_unknown: bool,
+enum ApiError {
+    /// The service's own answer (a bad request, a missing user, a conflict).
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
+    /// A pool call failed: the library's mapping (503 with `Retry-After` while the database
+    /// is unavailable, 504 when it did not answer in time, ...), which keeps the details in
+    /// the log.
+    Pool(Error),
 }
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
     message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retry_after_secs: Option<u64>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    outcome_unknown: bool,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
+        Self::Refused {
             status,
             code,
             message: message.into(),
-            retry_after: None,
-            outcome_unknown: false,
         }
     }
+}
 
-    /// What a caller is told about a failed pool call: 503 when the database cannot serve
-    /// (with `Retry-After` from the breaker that refused), 500 for anything else (logged;
-    /// the details stay in the log).
-    fn from_pool(error: &Error) -> Self {
-        let unavailable = |code, message: &str| Self {
-            retry_after: error.retry_after().map(whole_seconds),
-            outcome_unknown: error.is_outcome_unknown(),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-        };
-        if error.is_circuit_open() {
-            unavailable(
-                "circuit_open",
-                "the database is unavailable; calls are refused until it is tried again",
-            )
-        } else if error.is_unavailable() {
-            tracing::warn!(%error, "database unavailable");
-            let mut response = unavailable("database_unavailable", "the database is unavailable");
-            if response.outcome_unknown {
-                response.message = "the database failed after the write was sent: \
-                                    it may or may not have been applied"
-                    .into();
-            }
-            response
-        } else if error.class() == Some(ErrorClass::Transient) {
-            Self {
-                retry_after: Some(1),
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transient",
-                    "the database asked for a retry (serialization failure or deadlock)",
-                )
-            }
-        } else if matches!(error, Error::Closed) {
-            Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "shutting down",
-            )
-        } else {
-            tracing::error!(%error, "database call failed");
-            Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            )
-        }
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        Self::Pool(error)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: self.code,
-            message: &self.message,
-            retry_after_secs: self.retry_after,
-            outcome_unknown: self.outcome_unknown,
-        };
-        let mut response = (self.status, Json(body)).into_response();
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            Self::Refused {
+                status,
+                code,
+                message,
+            } => {
+                let body = ErrorBody {
+                    error: code,
+                    message: &message,
+                };
+                (status, Json(body)).into_response()
+            }
+            Self::Pool(error) => error.into_response(),
         }
-        response
     }
-}
-
-/// Rounded up, at least 1: `Retry-After: 0` would invite an immediate retry.
-fn whole_seconds(duration: Duration) -> u64 {
-    let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
-    secs.max(1)
 }
 
 /// Ctrl-C or SIGTERM: stop accepting, let requests in flight finish.

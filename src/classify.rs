@@ -133,6 +133,7 @@ fn classify_io(error: &io::Error) -> ErrorClass {
 }
 
 /// PostgreSQL, by SQLSTATE.
+#[cfg(feature = "postgres")]
 pub(crate) fn postgres_sqlstate(code: &str) -> ErrorClass {
     match code {
         "57P01" | "57P02" | "57P03" | "57P04" | "57P05" | "25P03" => ErrorClass::Connection,
@@ -158,6 +159,7 @@ pub(crate) fn postgres_sqlstate(code: &str) -> ErrorClass {
 }
 
 /// SQLite, by (extended) result code; the primary code is the low byte.
+#[cfg(feature = "sqlite")]
 pub(crate) fn sqlite_result_code(code: &str) -> ErrorClass {
     let Ok(code) = code.parse::<i32>() else {
         return ErrorClass::Unknown;
@@ -180,6 +182,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "postgres")]
     fn postgres_codes_map_to_the_design_table() {
         for (code, class) in [
             ("08006", ErrorClass::Connection),
@@ -210,6 +213,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "sqlite")]
     fn sqlite_extended_codes_use_their_primary_code() {
         assert_eq!(sqlite_result_code("5"), ErrorClass::Resource);
         assert_eq!(sqlite_result_code("517"), ErrorClass::Resource); // BUSY_SNAPSHOT

@@ -18,8 +18,8 @@ use http::Response;
 
 const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// The example binary, built by cargo (a no-op when it is up to date), in the profile this
-/// test was built in.
+/// The example binary, built by cargo (a no-op when it is up to date), in the profile and with
+/// the features this test was built with, so the library already built for it is reused.
 async fn service_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     // target/<profile>/deps/service_http-<hash>
@@ -35,6 +35,9 @@ async fn service_binary() -> PathBuf {
             "--example",
             "service",
             "--message-format=json-render-diagnostics",
+            "--no-default-features",
+            "--features",
+            &features(),
         ])
         .arg("--manifest-path")
         .arg(&manifest)
@@ -48,7 +51,8 @@ async fn service_binary() -> PathBuf {
     let output = cargo.output().await.expect("run cargo");
     assert!(
         output.status.success(),
-        "cargo build --example service failed:\n{}",
+        "cargo build --example service --features {} failed:\n{}",
+        features(),
         String::from_utf8_lossy(&output.stderr)
     );
     // Cargo names the executable it produced (wherever the target dir is).
@@ -65,6 +69,24 @@ async fn service_binary() -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// The crate's features this test was built with (`axum` among them: the example needs it).
+fn features() -> String {
+    let features = [
+        ("postgres", cfg!(feature = "postgres")),
+        ("sqlite", cfg!(feature = "sqlite")),
+        ("axum", cfg!(feature = "axum")),
+        ("redis", cfg!(feature = "redis")),
+        ("tls-rustls", cfg!(feature = "tls-rustls")),
+        ("tls-native-tls", cfg!(feature = "tls-native-tls")),
+    ];
+    let on: Vec<&str> = features
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect();
+    on.join(",")
 }
 
 /// The example running as a child process; killed on drop, its log printed if the test fails.

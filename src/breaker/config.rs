@@ -252,13 +252,13 @@ impl BreakerConfig {
             ("failure_rate", self.failure_rate),
             ("slow_call_rate", self.slow_call_rate),
         ] {
-            if let Some(rate) = rate {
-                if !(rate > 0.0 && rate <= 1.0) {
-                    report(
-                        field,
-                        format!("{rate} is outside 0..=1 (and must be above 0)"),
-                    );
-                }
+            if let Some(rate) = rate
+                && !(rate > 0.0 && rate <= 1.0)
+            {
+                report(
+                    field,
+                    format!("{rate} is outside 0..=1 (and must be above 0)"),
+                );
             }
         }
         if self.consecutive_failures.is_none()
@@ -315,18 +315,20 @@ impl BreakerConfig {
         }
         // Only the rate rules read the window; without them the minimum is never used.
         let rate_rules = self.failure_rate.is_some() || self.slow_call_rate.is_some();
-        if let SlidingWindow::Count { size } = self.window {
-            if rate_rules && size > 0 && self.minimum_calls > size {
-                report(
-                    "minimum_calls",
-                    format!(
-                        "{} is above window.size {size}: the window holds only the last {size} \
-                         calls of a thread, so the rate rules could never trip on one thread's \
-                         calls",
-                        self.minimum_calls
-                    ),
-                );
-            }
+        if let SlidingWindow::Count { size } = self.window
+            && rate_rules
+            && size > 0
+            && self.minimum_calls > size
+        {
+            report(
+                "minimum_calls",
+                format!(
+                    "{} is above window.size {size}: the window holds only the last {size} \
+                     calls of a thread, so the rate rules could never trip on one thread's \
+                     calls",
+                    self.minimum_calls
+                ),
+            );
         }
         let open = &self.open;
         if open.base.is_zero() {

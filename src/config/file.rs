@@ -155,6 +155,7 @@ impl PoolConfig {
     /// Every problem of a PostgreSQL pool's configuration, each with its path: missing URLs
     /// or environment variables, malformed URLs, out-of-range thresholds, zero sizes and
     /// durations. For SQLite, [`validate_for::<Sqlite>`](Self::validate_for).
+    #[cfg(feature = "postgres")]
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_for::<sqlx::Postgres>()
     }

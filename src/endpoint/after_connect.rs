@@ -50,15 +50,15 @@ impl<DB: Backend> AfterConnect<DB> {
                 return Err(error);
             }
         }
-        if let Some(hook) = &self.hook {
-            if let Err(error) = hook(connection).await {
-                tracing::warn!(
-                    endpoint,
-                    %error,
-                    "after_connect hook failed; the new connection is closed"
-                );
-                return Err(error);
-            }
+        if let Some(hook) = &self.hook
+            && let Err(error) = hook(connection).await
+        {
+            tracing::warn!(
+                endpoint,
+                %error,
+                "after_connect hook failed; the new connection is closed"
+            );
+            return Err(error);
         }
         Ok(())
     }

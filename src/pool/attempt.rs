@@ -232,15 +232,14 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
             endpoint.likely_role(),
             self.pool.max_replica_lag,
             endpoint.lag(),
-        ) {
-            if lag > max {
-                let error = Error::ReplicaLagging {
-                    endpoint: endpoint.name.clone(),
-                    lag,
-                    max,
-                };
-                return Err(not_started(error, true));
-            }
+        ) && lag > max
+        {
+            let error = Error::ReplicaLagging {
+                endpoint: endpoint.name.clone(),
+                lag,
+                max,
+            };
+            return Err(not_started(error, true));
         }
         Ok(())
     }

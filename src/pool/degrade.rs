@@ -141,12 +141,12 @@ impl<DB: Backend> PoolInner<DB> {
     /// order; else the error.
     async fn fall_back<T: 'static>(&self, plan: Plan<'_, T>, error: Error) -> Result<Served<T>> {
         let route = plan.route;
-        if let Some(request) = &plan.cache {
-            if let Some((value, age)) = self.lookup(route, request).await {
-                telemetry::served_without_endpoint(route, "cache");
-                tracing::debug!(key = %request.key, ?age, %error, "served from the cache");
-                return Ok(Served::new(value, Source::Cache { age, cause: error }));
-            }
+        if let Some(request) = &plan.cache
+            && let Some((value, age)) = self.lookup(route, request).await
+        {
+            telemetry::served_without_endpoint(route, "cache");
+            tracing::debug!(key = %request.key, ?age, %error, "served from the cache");
+            return Ok(Served::new(value, Source::Cache { age, cause: error }));
         }
         let value = {
             let context = FallbackContext {

@@ -20,8 +20,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Postgres;
-
 pub use builder::PoolBuilder;
 pub use connection::{ProtectedConnection, ProtectedTransaction};
 pub use events::PoolStateChange;
@@ -51,10 +49,29 @@ use events::PoolListeners;
 use failover::Replay;
 use operation::{Closure, Once};
 
+/// The database of a [`ProtectedPool`] whose type names none: [`sqlx::Postgres`] when the
+/// `postgres` feature is on (it is by default), else [`sqlx::Sqlite`].
+///
+/// Features unify across a build: another crate that turns `postgres` on makes this
+/// PostgreSQL. Code built with `sqlite` alone should name its database,
+/// `ProtectedPool<Sqlite>`, so that it keeps compiling then.
+#[cfg(feature = "postgres")]
+// Labelled by what it needs, either database, rather than by this definition's own cfg.
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub type DefaultDatabase = sqlx::Postgres;
+/// The database of a [`ProtectedPool`] whose type names none: [`sqlx::Postgres`] when the
+/// `postgres` feature is on (it is by default), else [`sqlx::Sqlite`].
+///
+/// Features unify across a build: another crate that turns `postgres` on makes this
+/// PostgreSQL. Code built with `sqlite` alone should name its database,
+/// `ProtectedPool<Sqlite>`, so that it keeps compiling then.
+#[cfg(all(feature = "sqlite", not(feature = "postgres")))]
+pub type DefaultDatabase = sqlx::Sqlite;
+
 /// A pool of database connections with a circuit breaker per route on each endpoint.
 ///
-/// Cheap to clone: clones share the pool. `DB` is [`sqlx::Postgres`] (the default) or
-/// [`sqlx::Sqlite`].
+/// Cheap to clone: clones share the pool. `DB` is [`sqlx::Postgres`] or [`sqlx::Sqlite`];
+/// left out, it is [`DefaultDatabase`].
 ///
 /// ```no_run
 /// # async fn demo() -> protected_pool::Result<()> {
@@ -73,7 +90,7 @@ use operation::{Closure, Once};
 ///     .await?;
 /// # Ok(()) }
 /// ```
-pub struct ProtectedPool<DB: Backend = Postgres> {
+pub struct ProtectedPool<DB: Backend = DefaultDatabase> {
     inner: Arc<PoolInner<DB>>,
 }
 
@@ -408,6 +425,8 @@ impl<DB: Backend> ProtectedPool<DB> {
 
 const _: () = {
     const fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    #[cfg(feature = "postgres")]
     assert_send_sync_clone::<ProtectedPool<sqlx::Postgres>>();
+    #[cfg(feature = "sqlite")]
     assert_send_sync_clone::<ProtectedPool<sqlx::Sqlite>>();
 };

@@ -53,11 +53,11 @@ impl<T> Stream for RowStream<'_, T> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<T>>> {
         let this = self.get_mut();
-        if let Some(driver) = &mut this.driver {
-            if driver.as_mut().poll(cx).is_ready() {
-                // Its sender is gone with it: the items left are read out, then the end.
-                this.driver = None;
-            }
+        if let Some(driver) = &mut this.driver
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            // Its sender is gone with it: the items left are read out, then the end.
+            this.driver = None;
         }
         this.items.poll_recv(cx)
     }

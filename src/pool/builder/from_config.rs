@@ -57,13 +57,12 @@ impl<DB: Backend> PoolBuilder<DB> {
             target: Target::Url(url),
             ..
         }) = &builder.primary
+            && split_hosts(url).is_some()
         {
-            if split_hosts(url).is_some() {
-                let url = url.clone();
-                let replicas = std::mem::take(&mut builder.replicas);
-                builder = builder.cluster_at("primary.url", url);
-                builder.replicas.extend(replicas);
-            }
+            let url = url.clone();
+            let replicas = std::mem::take(&mut builder.replicas);
+            builder = builder.cluster_at("primary.url", url);
+            builder.replicas.extend(replicas);
         }
         config.cache_problems(&mut problems);
         problems.append(&mut builder.problems);
