@@ -56,7 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         ..config
     };
-    let pool: ProtectedPool = ProtectedPool::builder()
+    let pool = ProtectedPool::builder()
         .primary(primary_url)
         .replica(replica_url)
         .breaker(Route::Read, quick(BreakerConfig::read()))

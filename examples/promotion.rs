@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         ..config
     };
-    let pool: ProtectedPool = ProtectedPool::builder()
+    let pool = ProtectedPool::builder()
         .cluster(url)
         .breaker(Route::Read, quick(BreakerConfig::read()))
         .breaker(Route::Write, quick(BreakerConfig::write()))

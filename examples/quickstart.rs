@@ -50,7 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         ..config
     };
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary_with("app-db", options.clone())
         .breaker(Route::Read, quick(BreakerConfig::read()))
         .breaker(Route::Write, quick(BreakerConfig::write()))

@@ -55,7 +55,7 @@ use crate::error::Error;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let pool = ProtectedPool::<Sqlite>::builder()
+/// let pool = ProtectedPool::sqlite()
 ///     .primary("sqlite::memory:")
 ///     .build()
 ///     .unwrap();

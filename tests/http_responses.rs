@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use protected_pool::breaker::{BreakerConfig, OpenDuration};
-use protected_pool::{EndpointOptions, Error, ErrorClass, ProtectedPool, Route, Sqlite};
+use protected_pool::{EndpointOptions, Error, ErrorClass, ProtectedPool, Route};
 use protected_pool_testkit::{APP_USER, PgServer};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -103,7 +103,7 @@ async fn an_unavailable_database_is_503_then_refused_with_retry_after() {
     let path = dir.path().join("locked.db");
     let _locker = locked_file(&path).await;
     let open = Duration::from_millis(1500);
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary_with(ENDPOINT, sqlite_options(&path, Duration::from_millis(20)))
         .breaker(
             Route::Write,
@@ -157,7 +157,7 @@ async fn a_database_that_does_not_answer_in_time_is_504() {
     let path = dir.path().join("slow.db");
     let _locker = locked_file(&path).await;
     // SQLite would wait 10 s for the lock; the write route gives up after 200 ms.
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary_with(ENDPOINT, sqlite_options(&path, Duration::from_secs(10)))
         .timeout(Route::Write, Duration::from_millis(200))
         .build()
@@ -192,7 +192,7 @@ async fn a_database_that_does_not_answer_in_time_is_504() {
 async fn a_saturated_pool_is_503_without_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("busy.db");
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary_with(ENDPOINT, sqlite_options(&path, Duration::from_secs(1)))
         .endpoint_options(EndpointOptions {
             max_connections: 1,
@@ -236,7 +236,7 @@ async fn a_saturated_pool_is_503_without_retry_after() {
 
 #[tokio::test]
 async fn a_closed_pool_is_503_shutting_down() {
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary("sqlite::memory:")
         .build()
         .expect("valid configuration");
@@ -259,7 +259,7 @@ async fn a_closed_pool_is_503_shutting_down() {
 
 #[tokio::test]
 async fn a_rejected_query_is_500_without_its_sql_or_data() {
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary("sqlite::memory:")
         .build()
         .expect("valid configuration");
@@ -301,7 +301,7 @@ async fn a_rejected_query_is_500_without_its_sql_or_data() {
 
 #[tokio::test]
 async fn bad_configuration_is_500() {
-    let error = ProtectedPool::<Sqlite>::builder()
+    let error = ProtectedPool::sqlite()
         .primary("sqlite:///no/such/dir/app.db?password=s3cr3t")
         .timeout(Route::Read, Duration::ZERO)
         .build()

@@ -2,7 +2,7 @@
 //! calls the pool from `tokio::spawn`ed tasks and from web handlers that require `Send`.
 //! This file compiles only if that holds; the test then checks the futures also run.
 
-use protected_pool::{ErrorClass, Postgres, ProtectedPool, Route, Sqlite};
+use protected_pool::{ErrorClass, Postgres, ProtectedPool, Route};
 
 fn assert_send<T: Send>(value: T) -> T {
     value
@@ -139,7 +139,7 @@ async fn pool_futures_are_send_and_spawnable() {
         assert_eq!(error.class(), Some(ErrorClass::Connection), "{error}");
     }
 
-    let sqlite: ProtectedPool<Sqlite> = ProtectedPool::builder()
+    let sqlite = ProtectedPool::sqlite()
         .primary("sqlite::memory:")
         .build()
         .unwrap();

@@ -27,7 +27,7 @@ fn within_deadline<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static)
 
 /// A pool on a fresh SQLite file that has answered one query.
 async fn sqlite_pool(path: &Path) -> ProtectedPool<Sqlite> {
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary(format!("sqlite://{}?mode=rwc", path.display()))
         .build()
         .expect("valid configuration");

@@ -13,7 +13,7 @@ async fn pool_on_a_file(dir: &tempfile::TempDir) -> ProtectedPool<Sqlite> {
     let options = SqliteConnectOptions::new()
         .filename(dir.path().join("cache-keys.db"))
         .create_if_missing(true);
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary_with("primary", options)
         .build()
         .expect("valid configuration");

@@ -23,7 +23,7 @@ fn options(path: &Path) -> SqliteConnectOptions {
 }
 
 fn pool_with(options: SqliteConnectOptions) -> ProtectedPool<Sqlite> {
-    ProtectedPool::<Sqlite>::builder()
+    ProtectedPool::sqlite()
         .primary_with(ENDPOINT, options)
         .build()
         .expect("valid configuration")

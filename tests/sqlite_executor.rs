@@ -1,7 +1,7 @@
 //! sqlx code through a pool on a SQLite file, unchanged: migrations, `&pool`, the read
 //! route's executor, and a transaction held by the caller.
 
-use protected_pool::{ProtectedPool, Route, Sqlite};
+use protected_pool::{ProtectedPool, Route};
 use sqlx::SqliteExecutor;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -23,7 +23,7 @@ async fn count_users(db: impl SqliteExecutor<'_>) -> sqlx::Result<i64> {
 async fn sqlx_code_runs_through_a_pool_on_a_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary(url)
         .connect()
         .await

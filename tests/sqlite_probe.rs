@@ -59,7 +59,7 @@ async fn the_write_probe_does_not_close_on_a_locked_file() {
         conn.close().await.expect("close");
     }
     let changes = Changes::default();
-    let pool = ProtectedPool::<Sqlite>::builder()
+    let pool = ProtectedPool::sqlite()
         .primary_with(ENDPOINT, options(&path))
         .breaker(
             Route::Write,

@@ -77,7 +77,7 @@ pub type DefaultDatabase = sqlx::Sqlite;
 /// # async fn demo() -> protected_pool::Result<()> {
 /// use protected_pool::ProtectedPool;
 ///
-/// let pool: ProtectedPool = ProtectedPool::builder()
+/// let pool = ProtectedPool::builder()
 ///     .primary("postgres://app:secret@db-primary/app")
 ///     .connect()
 ///     .await?;
@@ -173,13 +173,65 @@ impl<DB: Backend> Drop for PoolInner<DB> {
     }
 }
 
-impl<DB: Backend> ProtectedPool<DB> {
-    /// A builder; name the database with the type, e.g. `ProtectedPool::<Sqlite>::builder()`,
-    /// or let the binding's type say it.
-    pub fn builder() -> PoolBuilder<DB> {
+impl ProtectedPool {
+    /// A builder for a pool of the [`DefaultDatabase`] (PostgreSQL, unless only the `sqlite`
+    /// feature is on): `let pool = ProtectedPool::builder().primary(url).connect().await?`
+    /// needs no type written out. For a given database, [`ProtectedPool::postgres`],
+    /// [`ProtectedPool::sqlite`], or [`PoolBuilder::new`] in code generic over it.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> protected_pool::Result<()> {
+    /// // No annotation: the builder names its database.
+    /// let pool = protected_pool::ProtectedPool::builder()
+    ///     .primary("postgres://app:secret@db-primary/app")
+    ///     .connect()
+    ///     .await?;
+    /// let one: i32 = pool.read(sqlx::query_scalar("SELECT 1")).fetch_one().await?;
+    /// # let _ = one; Ok(()) }
+    /// ```
+    pub fn builder() -> PoolBuilder<DefaultDatabase> {
         PoolBuilder::new()
     }
+}
 
+#[cfg(feature = "postgres")]
+impl ProtectedPool<sqlx::Postgres> {
+    /// A builder for a pool of PostgreSQL servers.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> protected_pool::Result<()> {
+    /// let pool = protected_pool::ProtectedPool::postgres()
+    ///     .primary("postgres://app:secret@db-primary/app")
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = pool; Ok(()) }
+    /// ```
+    pub fn postgres() -> PoolBuilder<sqlx::Postgres> {
+        PoolBuilder::new()
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl ProtectedPool<sqlx::Sqlite> {
+    /// A builder for a pool on a SQLite database.
+    ///
+    /// ```
+    /// # async fn demo() -> protected_pool::Result<()> {
+    /// let pool = protected_pool::ProtectedPool::sqlite()
+    ///     .primary("sqlite::memory:")
+    ///     .connect()
+    ///     .await?;
+    /// let two: i64 = pool.read(sqlx::query_scalar("SELECT 1 + 1")).fetch_one().await?;
+    /// assert_eq!(two, 2);
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub fn sqlite() -> PoolBuilder<sqlx::Sqlite> {
+        PoolBuilder::new()
+    }
+}
+
+impl<DB: Backend> ProtectedPool<DB> {
     /// A read query: `pool.read(sqlx::query_as(..).bind(..)).fetch_one().await`.
     pub fn read<Q>(&self, query: Q) -> Routed<'_, DB, Q> {
         Routed::new(self, Route::Read, query)

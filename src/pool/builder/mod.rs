@@ -99,8 +99,16 @@ impl<DB: Backend> fmt::Debug for PoolBuilder<DB> {
     }
 }
 
+impl<DB: Backend> Default for PoolBuilder<DB> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<DB: Backend> PoolBuilder<DB> {
-    pub(crate) fn new() -> Self {
+    /// A builder for a pool of `DB`, for code generic over the database (otherwise
+    /// [`ProtectedPool::builder`], [`ProtectedPool::postgres`] or [`ProtectedPool::sqlite`]).
+    pub fn new() -> Self {
         Self {
             primary: None,
             replicas: Vec::new(),
@@ -170,7 +178,7 @@ impl<DB: Backend> PoolBuilder<DB> {
     ///
     /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     /// # let _guard = runtime.enter();
-    /// let pool: ProtectedPool = ProtectedPool::builder()
+    /// let pool = ProtectedPool::builder()
     ///     .cluster("postgres://app:secret@db-a:5432,db-b:5432/app?target_session_attrs=read-write")
     ///     .build()
     ///     .unwrap();
@@ -303,7 +311,7 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     /// # let _guard = runtime.enter();
     /// let common = EndpointOptions { max_connections: 10, ..EndpointOptions::default() };
-    /// let pool: ProtectedPool = ProtectedPool::builder()
+    /// let pool = ProtectedPool::builder()
     ///     .primary("postgres://app@db-primary/app")
     ///     .replica("postgres://app@db-replica/app")
     ///     .endpoint_options(common.clone())
