@@ -10,11 +10,11 @@ use futures_util::{FutureExt, StreamExt};
 use sqlx::{Database, Execute, SqlStr};
 
 use super::ProtectedPool;
+use super::call::{replay_for, run_statement};
 use super::connection::ProtectedConnection;
 use super::degrade::Plan;
 use super::failover::Replay;
 use super::operation::Erased;
-use super::routed::{replay_for, run_statement};
 use super::statement::{QueryFuture, Statement, execute_on, rows_all_on, rows_optional_on};
 use super::stream::Step;
 use crate::backend::Backend;

@@ -2,6 +2,7 @@
 
 mod attempt;
 mod builder;
+mod call;
 mod connection;
 mod degrade;
 mod events;

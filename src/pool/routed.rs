@@ -10,14 +10,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::query::{Map, Query};
-use sqlx::{Database, Either, IntoArguments};
+use sqlx::{Either, IntoArguments};
 
 use super::ProtectedPool;
-use super::degrade::{CacheRequest, Plan};
+use super::call::{replay_for, run_statement};
+use super::degrade::CacheRequest;
 use super::executor::OnRoute;
-use super::failover::Replay;
-use super::operation::Erased;
-use super::statement::{FetchFn, QueryFuture, RoutableQuery, Statement, execute_on, fetch_one_on};
+use super::statement::{FetchFn, RoutableQuery, execute_on, fetch_one_on};
 use super::stream::RowStream;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -69,12 +68,6 @@ impl<'p, DB: Backend, Q, C> Routed<'p, DB, Q, C> {
         }
     }
 }
-
-/// A query reduced to "run me on this connection", with the builder's type erased: the future
-/// of a pool call then names no query type, which keeps the compiler's `Send` check from
-/// tripping over the builder's lifetime (rust#100013).
-type Fetch<DB, T> =
-    Box<dyn for<'c> Fn(&'c mut <DB as Database>::Connection) -> QueryFuture<'c, T> + Send + Sync>;
 
 impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
     /// Exactly one row; no row is an error of class `Query`.
@@ -454,55 +447,6 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
             cache,
             fallback,
         )
-    }
-}
-
-/// How a single statement of `route` may be replayed; `replayable`: it only reads.
-pub(super) fn replay_for(route: Route, replayable: bool) -> Replay {
-    match route {
-        Route::Read if replayable => Replay::Read,
-        Route::Read => Replay::Never,
-        // One statement for the primary: if a standby refused it (not executed), it moves to
-        // the primary of the moment.
-        Route::Write | Route::Auth => Replay::AfterRefusal,
-    }
-}
-
-/// Runs a statement taken apart through the pool: its endpoints by `replay`, then what the
-/// call may fall back on.
-pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
-    pool: &'p ProtectedPool<DB>,
-    route: Route,
-    replay: Replay,
-    statement: Result<Statement<DB>, sqlx::Error>,
-    fetch: FetchFn<DB, T>,
-    cache: Option<CacheRequest<T>>,
-    fallback: Option<BoxedFallback<T>>,
-) -> impl Future<Output = Result<Served<T>>> + Send + 'p {
-    let unnamed = pool.inner.unnamed_statements;
-    let prepared = statement
-        .map(|statement| statement.unnamed_if(unnamed))
-        .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
-            let sql = statement.sql.clone();
-            (
-                sql,
-                Box::new(move |connection| fetch(&statement, connection)),
-            )
-        })
-        .map_err(|source| Error::InvalidQuery { route, source });
-    async move {
-        let (sql, fetch) = prepared?;
-        let inner = &pool.inner;
-        let plan = Plan {
-            route,
-            sql: Some(sql.as_str()),
-            cache,
-            fallback,
-        };
-        let fetch = &*fetch;
-        // Boxed: the endpoint loop's future is large, and `degrade` and the span move it.
-        let call = Box::pin(inner.failover(route, replay, Erased(fetch)));
-        inner.degrade(plan, call).await
     }
 }
 

@@ -1,0 +1,72 @@
+//! One statement, taken apart, through the pool: how it may be replayed, its endpoints, then
+//! what it may fall back on. The shared last step of `pool.read(q).fetch_*()` (see `routed`)
+//! and of the pool's sqlx executors (see `executor`).
+
+use std::future::Future;
+
+use sqlx::Database;
+
+use super::ProtectedPool;
+use super::degrade::{CacheRequest, Plan};
+use super::failover::Replay;
+use super::operation::Erased;
+use super::statement::{FetchFn, QueryFuture, Statement};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::fallback::{BoxedFallback, Served};
+use crate::route::Route;
+
+/// A query reduced to "run me on this connection", with the builder's type erased: the future
+/// of a pool call then names no query type, which keeps the compiler's `Send` check from
+/// tripping over the builder's lifetime (rust#100013).
+type Fetch<DB, T> =
+    Box<dyn for<'c> Fn(&'c mut <DB as Database>::Connection) -> QueryFuture<'c, T> + Send + Sync>;
+
+/// How a single statement of `route` may be replayed; `replayable`: it only reads.
+pub(super) fn replay_for(route: Route, replayable: bool) -> Replay {
+    match route {
+        Route::Read if replayable => Replay::Read,
+        Route::Read => Replay::Never,
+        // One statement for the primary: if a standby refused it (not executed), it moves to
+        // the primary of the moment.
+        Route::Write | Route::Auth => Replay::AfterRefusal,
+    }
+}
+
+/// Runs a statement taken apart through the pool: its endpoints by `replay`, then what the
+/// call may fall back on.
+pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
+    pool: &'p ProtectedPool<DB>,
+    route: Route,
+    replay: Replay,
+    statement: Result<Statement<DB>, sqlx::Error>,
+    fetch: FetchFn<DB, T>,
+    cache: Option<CacheRequest<T>>,
+    fallback: Option<BoxedFallback<T>>,
+) -> impl Future<Output = Result<Served<T>>> + Send + 'p {
+    let unnamed = pool.inner.unnamed_statements;
+    let prepared = statement
+        .map(|statement| statement.unnamed_if(unnamed))
+        .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
+            let sql = statement.sql.clone();
+            (
+                sql,
+                Box::new(move |connection| fetch(&statement, connection)),
+            )
+        })
+        .map_err(|source| Error::InvalidQuery { route, source });
+    async move {
+        let (sql, fetch) = prepared?;
+        let inner = &pool.inner;
+        let plan = Plan {
+            route,
+            sql: Some(sql.as_str()),
+            cache,
+            fallback,
+        };
+        let fetch = &*fetch;
+        // Boxed: the endpoint loop's future is large, and `degrade` and the span move it.
+        let call = Box::pin(inner.failover(route, replay, Erased(fetch)));
+        inner.degrade(plan, call).await
+    }
+}
