@@ -326,6 +326,14 @@ impl<'c, DB: Backend> sqlx::Acquire<'c> for &'_ ProtectedPool<DB> {
 impl<DB: Backend> ProtectedPool<DB> {
     /// The read route as a sqlx executor: replicas by the read preference, failover
     /// between them.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> Result<(), sqlx::Error> {
+    /// let names: Vec<String> = sqlx::query_scalar("SELECT name FROM users ORDER BY id")
+    ///     .fetch_all(pool.reader())
+    ///     .await?;
+    /// # let _ = names; Ok(()) }
+    /// ```
     pub fn reader(&self) -> OnRoute<'_, DB> {
         OnRoute::new(self, Route::Read)
     }
@@ -341,6 +349,17 @@ impl<DB: Backend> ProtectedPool<DB> {
     }
 
     /// `route` as a sqlx executor.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> Result<(), sqlx::Error> {
+    /// use protected_pool::Route;
+    ///
+    /// let valid: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE token = $1)")
+    ///     .bind("t0k3n")
+    ///     .fetch_one(pool.on(Route::Auth))
+    ///     .await?;
+    /// # let _ = valid; Ok(()) }
+    /// ```
     pub fn on(&self, route: Route) -> OnRoute<'_, DB> {
         OnRoute::new(self, route)
     }

@@ -14,6 +14,16 @@ use crate::error::{Error, Result};
 /// up to `max_attempts` runs in all, each wait drawn at random up to an exponential backoff
 /// (full jitter), and no retry that would start after `budget` has passed since the first
 /// run began.
+///
+/// ```
+/// use std::time::Duration;
+/// use protected_pool::TransactionRetry;
+///
+/// let mut retry = TransactionRetry::attempts(3);
+/// retry.budget = Duration::from_secs(2);
+/// assert_eq!(retry.max_attempts, 3);
+/// assert_eq!(retry.base_delay, TransactionRetry::default().base_delay);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TransactionRetry {
@@ -97,7 +107,10 @@ impl<DB: Backend> ProtectedPool<DB> {
                 Err(error) => error,
             };
             let delay = retry.delay(attempt);
-            let in_budget = started.elapsed() + delay < retry.budget;
+            let in_budget = started
+                .elapsed()
+                .checked_add(delay)
+                .is_some_and(|retry_at| retry_at < retry.budget);
             if !worth_retrying(&error) || attempt >= retry.max_attempts || !in_budget {
                 return Err(error);
             }
