@@ -172,13 +172,17 @@ async fn reads_writes_and_transactions_work_through_pgbouncer_with_the_setting()
     );
 }
 
-/// A client's statement runs on server connection S1 while the pool's connection, which saw
-/// S1's pid when it was opened, runs a read that times out. Stopping that read with
-/// `pg_cancel_backend(pid)` stops the other client's statement instead.
+/// PgBouncer has one server connection, S1, and one more in reserve for a client that waited
+/// 0.1 s. The pool's connection saw S1's pid when it was opened; then another client's
+/// statement runs on S1, and the pool's read, on the reserve connection, times out. Stopping
+/// that read with `pg_cancel_backend(pid)` stops the other client's statement instead. (With
+/// one server connection at first, which client runs where leaves nothing to chance.)
 async fn victim_of_a_timed_out_read(transaction_pooler: bool) -> Result<(), sqlx::Error> {
     let pg = PgServer::start().await.expect("start the server");
     let bouncer = PgBouncer::builder()
-        .default_pool_size(2)
+        .default_pool_size(1)
+        .setting("reserve_pool_size", "1")
+        .setting("reserve_pool_timeout", "0.1")
         .start(&pg)
         .await
         .expect("start pgbouncer");
@@ -193,7 +197,7 @@ async fn victim_of_a_timed_out_read(transaction_pooler: bool) -> Result<(), sqlx
         .await
         .expect("connect");
 
-    // The other client gets S1, the idle server connection.
+    // The other client gets S1, the only server connection.
     let mut victim = bouncer
         .url()
         .parse::<sqlx::postgres::PgConnectOptions>()
@@ -224,7 +228,7 @@ async fn victim_of_a_timed_out_read(transaction_pooler: bool) -> Result<(), sqlx
     };
     assert!(running.await, "the other client's statement did not start");
 
-    // The pool's read runs on a second server connection and times out.
+    // The pool's read gets the reserve connection, and times out.
     let read = guarded(
         "a read",
         pool.read(sqlx::query("SELECT pg_sleep(1)")).execute(),
