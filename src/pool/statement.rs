@@ -49,11 +49,15 @@ impl<DB: Backend> Statement<DB> {
         (self.sql.clone(), Bound(self.arguments.clone()))
     }
 
+    /// The statement as sqlx's plain query again.
+    fn query(&self) -> Query<'static, DB, Bound<DB>> {
+        let (sql, arguments) = self.parts();
+        sqlx::query_with(sql, arguments).persistent(self.persistent)
+    }
+
     /// Runs the statement on `connection`, every result and row as it comes.
     pub(crate) fn fetch_many_on<'c>(&self, connection: &'c mut DB::Connection) -> Steps<'c, DB> {
-        let (sql, arguments) = self.parts();
-        let query = sqlx::query_with(sql, arguments).persistent(self.persistent);
-        sqlx::Executor::fetch_many(DB::executor(connection), query)
+        sqlx::Executor::fetch_many(DB::executor(connection), self.query())
     }
 }
 
@@ -130,18 +134,14 @@ where
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
     ) -> QueryFuture<'c, Option<DB::Row>> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_optional(DB::executor(connection)))
+        rows_optional_on(statement, connection)
     }
 
     fn fetch_all_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
     ) -> QueryFuture<'c, Vec<DB::Row>> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_all(DB::executor(connection)))
+        rows_all_on(statement, connection)
     }
 }
 
@@ -232,25 +232,19 @@ pub(crate) fn execute_on<'c, DB: Backend>(
     statement: &Statement<DB>,
     connection: &'c mut DB::Connection,
 ) -> QueryFuture<'c, DB::QueryResult> {
-    let (sql, arguments) = statement.parts();
-    let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
-    Box::pin(query.execute(DB::executor(connection)))
+    Box::pin(statement.query().execute(DB::executor(connection)))
 }
 
 pub(crate) fn rows_optional_on<'c, DB: Backend>(
     statement: &Statement<DB>,
     connection: &'c mut DB::Connection,
 ) -> QueryFuture<'c, Option<DB::Row>> {
-    let (sql, arguments) = statement.parts();
-    let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
-    Box::pin(query.fetch_optional(DB::executor(connection)))
+    Box::pin(statement.query().fetch_optional(DB::executor(connection)))
 }
 
 pub(crate) fn rows_all_on<'c, DB: Backend>(
     statement: &Statement<DB>,
     connection: &'c mut DB::Connection,
 ) -> QueryFuture<'c, Vec<DB::Row>> {
-    let (sql, arguments) = statement.parts();
-    let query = sqlx::query_with(sql, arguments).persistent(statement.persistent);
-    Box::pin(query.fetch_all(DB::executor(connection)))
+    Box::pin(statement.query().fetch_all(DB::executor(connection)))
 }
