@@ -23,6 +23,9 @@
 //! - `protected-pool/read-preset`: `BreakerConfig::read()` (3 consecutive failures or a 50 %
 //!   failure rate over a 30 s time window), which reads the clock on every recorded outcome.
 //!   In `open_rejection` its open duration is set to one hour so it stays open.
+//! - `protected-pool/untried` (in `open_rejection` only): the count configuration asked with
+//!   `try_acquire_untried`, the pool's own path while a recovery probe owns the trial calls:
+//!   the refusal reads no clock (`retry_after` is worked out when asked).
 //! - `failsafe`: `consecutive_failures(5, backoff::constant(1 h))`, called through
 //!   `CircuitBreaker::call`.
 //! - `recloser`: `error_rate(0.5)`, `closed_len(100)`, `open_wait(1 h)`, called through
@@ -76,6 +79,25 @@ fn pp_call(
         Outcome::Failure
     };
     permit.record(outcome, Duration::ZERO);
+    result.map_err(|()| None)
+}
+
+/// The same, asked as the pool asks while a recovery probe owns the trial calls.
+#[inline]
+fn pp_call_untried(
+    breaker: &CircuitBreaker,
+    f: impl FnOnce() -> Result<u64, ()>,
+) -> Result<u64, Option<Rejected>> {
+    let permit = breaker.try_acquire_untried().map_err(Some)?;
+    let result = f();
+    permit.record(
+        if result.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        },
+        Duration::ZERO,
+    );
     result.map_err(|()| None)
 }
 
@@ -236,6 +258,13 @@ fn open_rejection(c: &mut Criterion) {
         b.iter(|| pp_call(&read, || bare(black_box(7))))
     });
     assert_eq!(read.state(), State::Open);
+
+    let untried = pp_count();
+    pp_trip(&untried);
+    group.bench_function("protected-pool/untried", |b| {
+        b.iter(|| pp_call_untried(&untried, || bare(black_box(7))))
+    });
+    assert_eq!(untried.state(), State::Open);
 
     let fs = failsafe_breaker();
     failsafe_trip(&fs);

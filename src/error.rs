@@ -277,7 +277,7 @@ impl Error {
     /// When a refused call may be retried (the soonest, when several breakers refused).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::CircuitOpen { rejected, .. } => rejected.retry_after,
+            Self::CircuitOpen { rejected, .. } => rejected.retry_after(),
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .filter_map(|attempt| attempt.error.retry_after())

@@ -106,7 +106,7 @@ fn rejection_allocates_nothing() {
     let n = allocations_during(|| {
         for _ in 0..10_000 {
             let rejected = black_box(breaker.try_acquire()).unwrap_err();
-            assert!(rejected.retry_after.is_some());
+            assert!(rejected.retry_after().is_some());
         }
     });
     assert_eq!(n, 0, "{n} allocations on rejection");

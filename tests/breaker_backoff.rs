@@ -11,7 +11,12 @@ use support::{Rig, consecutive, ms, secs};
 
 /// Re-opens the breaker from half-open and returns the open duration it reported.
 fn reopen(rig: &Rig) -> Duration {
-    let retry = rig.breaker.try_acquire().unwrap_err().retry_after.unwrap();
+    let retry = rig
+        .breaker
+        .try_acquire()
+        .unwrap_err()
+        .retry_after()
+        .unwrap();
     rig.advance(retry);
     rig.breaker
         .try_acquire()
@@ -31,7 +36,12 @@ fn grows_by_the_multiplier_up_to_max_and_resets_on_close() {
         vec![secs(1), secs(2), secs(4), secs(8), secs(8), secs(8)]
     );
     // Close through a successful trial: the schedule starts over.
-    let retry = rig.breaker.try_acquire().unwrap_err().retry_after.unwrap();
+    let retry = rig
+        .breaker
+        .try_acquire()
+        .unwrap_err()
+        .retry_after()
+        .unwrap();
     rig.advance(retry);
     rig.breaker
         .try_acquire()
@@ -40,7 +50,7 @@ fn grows_by_the_multiplier_up_to_max_and_resets_on_close() {
     assert_eq!(rig.state(), State::Closed);
     rig.fail(1);
     assert_eq!(
-        rig.breaker.try_acquire().unwrap_err().retry_after,
+        rig.breaker.try_acquire().unwrap_err().retry_after(),
         Some(secs(1))
     );
     assert_eq!(rig.breaker.snapshot().opens, 8);
@@ -55,7 +65,7 @@ fn manual_reset_also_restarts_the_schedule() {
     rig.breaker.reset();
     rig.fail(1);
     assert_eq!(
-        rig.breaker.try_acquire().unwrap_err().retry_after,
+        rig.breaker.try_acquire().unwrap_err().retry_after(),
         Some(secs(1))
     );
 }
@@ -97,7 +107,7 @@ fn jitter_shortens_by_at_most_its_fraction_and_varies() {
             .try_acquire()
             .unwrap()
             .record(Outcome::Failure, ms(1));
-        let open_for = breaker.try_acquire().unwrap_err().retry_after.unwrap();
+        let open_for = breaker.try_acquire().unwrap_err().retry_after().unwrap();
         assert!(
             open_for > ms(7500) && open_for <= secs(10),
             "{open_for:?} outside (7.5 s, 10 s]"
@@ -138,7 +148,7 @@ fn same_seed_same_schedule() {
             .try_acquire()
             .unwrap()
             .record(Outcome::Failure, ms(1));
-        breaker.try_acquire().unwrap_err().retry_after
+        breaker.try_acquire().unwrap_err().retry_after()
     };
     assert_eq!(durations(42), durations(42));
 }

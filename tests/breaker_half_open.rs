@@ -45,7 +45,7 @@ fn admits_at_most_half_open_max_calls_at_once() {
     let full = rig.breaker.try_acquire().unwrap_err();
     assert_eq!(full.state, State::HalfOpen);
     // The oldest trial is reclaimed at max_wait (5 s) after it started: 4.7 s from now.
-    assert_eq!(full.retry_after, Some(ms(4700)));
+    assert_eq!(full.retry_after(), Some(ms(4700)));
     first.record(Outcome::Success, ms(1));
     // A slot is free again; successes accumulate across trials until the threshold.
     let third = rig.breaker.try_acquire().unwrap();

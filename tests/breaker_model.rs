@@ -563,7 +563,7 @@ fn run(config: BreakerConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     (Err(rejected), Err((state, retry_after))) => {
                         prop_assert_eq!(rejected.state, state, "rejection state at step {}", step);
                         prop_assert_eq!(
-                            rejected.retry_after,
+                            rejected.retry_after(),
                             retry_after,
                             "retry_after at step {}",
                             step

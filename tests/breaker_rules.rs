@@ -174,7 +174,7 @@ fn open_breaker_rejects_with_retry_after_and_counts_rejections() {
     rig.advance(ms(400));
     let rejected = rig.breaker.try_acquire().unwrap_err();
     assert_eq!(rejected.state, State::Open);
-    assert_eq!(rejected.retry_after, Some(ms(600)));
+    assert_eq!(rejected.retry_after(), Some(ms(600)));
     assert!(rejected.to_string().contains("retry after"));
     assert_eq!(rig.breaker.snapshot().total_rejected, 1);
 }
@@ -186,7 +186,7 @@ fn forced_open_rejects_until_reset_and_disabled_never_trips() {
     rig.advance(secs(3600));
     let rejected = rig.breaker.try_acquire().unwrap_err();
     assert_eq!(
-        (rejected.state, rejected.retry_after),
+        (rejected.state, rejected.retry_after()),
         (State::ForcedOpen, None)
     );
     rig.breaker.reset();

@@ -265,10 +265,7 @@ impl Inner {
                 let until = self.open_until.load(Ordering::Acquire);
                 if now < until {
                     self.stripes.record_rejected();
-                    return Err(Rejected {
-                        state: State::Open,
-                        retry_after: Some(Duration::from_nanos(until - now)),
-                    });
+                    return Err(Rejected::new(State::Open, Some(until), &self.clock));
                 }
                 self.acquire_cold(now, true)
             }
@@ -291,16 +288,13 @@ impl Inner {
     fn refuse_untried(&self, word: u64) -> Rejected {
         self.stripes.record_rejected();
         let state = unpack_state(word);
-        let retry_after = match state {
+        // No clock read: the moment goes in the rejection, the wait is worked out if asked.
+        let retry_at = match state {
             // A trial is (or is about to be) under way: soon.
-            State::Open | State::HalfOpen => Some(Duration::from_nanos(
-                self.open_until
-                    .load(Ordering::Acquire)
-                    .saturating_sub(self.clock.now_nanos()),
-            )),
+            State::Open | State::HalfOpen => Some(self.open_until.load(Ordering::Acquire)),
             _ => None,
         };
-        Rejected { state, retry_after }
+        Rejected::new(state, retry_at, &self.clock)
     }
 
     /// A half-open trial permit if one is free now, for health probes: no refusal is counted,
@@ -337,16 +331,12 @@ impl Inner {
             let word = pack(control.state, control.generation);
             match control.state {
                 State::Closed | State::Disabled => Ok(Permit::normal(self, word)),
-                State::Open => Err(Rejected {
-                    state: State::Open,
-                    retry_after: Some(Duration::from_nanos(
-                        self.open_until.load(Ordering::Acquire).saturating_sub(now),
-                    )),
-                }),
-                State::ForcedOpen => Err(Rejected {
-                    state: State::ForcedOpen,
-                    retry_after: None,
-                }),
+                State::Open => Err(Rejected::new(
+                    State::Open,
+                    Some(self.open_until.load(Ordering::Acquire)),
+                    &self.clock,
+                )),
+                State::ForcedOpen => Err(Rejected::new(State::ForcedOpen, None, &self.clock)),
                 State::HalfOpen => self.admit_trial(&mut control, word, now),
             }
         };
@@ -383,13 +373,9 @@ impl Inner {
             .map(|trial| trial.acquired_at)
             .min()
             .unwrap_or(now);
-        Err(Rejected {
-            state: State::HalfOpen,
-            // Saturating: a custom clock may read close to the end of its range.
-            retry_after: Some(Duration::from_nanos(
-                oldest.saturating_add(max_wait).saturating_sub(now),
-            )),
-        })
+        // Saturating: a custom clock may read close to the end of its range.
+        let retry_at = oldest.saturating_add(max_wait);
+        Err(Rejected::new(State::HalfOpen, Some(retry_at), &self.clock))
     }
 
     /// Outcome of a closed or disabled permit.

@@ -12,7 +12,7 @@
 //! }
 //! assert_eq!(breaker.state(), State::Open);
 //! let rejected = breaker.try_acquire().unwrap_err();
-//! assert!(rejected.retry_after.unwrap() <= Duration::from_secs(3));
+//! assert!(rejected.retry_after().unwrap() <= Duration::from_secs(3));
 //! ```
 //!
 //! States: closed (calls pass, outcomes measured), open (calls rejected with a `retry_after`),

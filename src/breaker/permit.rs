@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::clock::ClockSource;
 use super::core::Inner;
 use super::state::{Outcome, STATE_BITS, State, unpack_state};
 
@@ -87,18 +88,60 @@ impl fmt::Debug for Permit<'_> {
 }
 
 /// A call refused by the breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+///
+/// It holds the moment a call may next be admitted, not the wait: refusing reads no clock,
+/// and [`retry_after`](Self::retry_after) reads it only when asked.
+#[derive(Clone, thiserror::Error)]
 #[non_exhaustive]
 pub struct Rejected {
     /// The breaker's state: open, forced open, or half-open with every trial slot taken.
     pub state: State,
-    /// When a call may next be admitted; `None` when the breaker was forced open by hand.
-    pub retry_after: Option<Duration>,
+    /// When a call may next be admitted, on the breaker's clock; `None` when the breaker was
+    /// forced open by hand.
+    retry_at: Option<u64>,
+    clock: ClockSource,
+}
+
+impl Rejected {
+    pub(crate) fn new(state: State, retry_at: Option<u64>, clock: &ClockSource) -> Self {
+        Self {
+            state,
+            retry_at,
+            clock: clock.clone(),
+        }
+    }
+
+    /// How long until a call may next be admitted, as of now (zero once that moment has
+    /// passed); `None` when the breaker was forced open by hand.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let at = self.retry_at?;
+        Some(Duration::from_nanos(
+            at.saturating_sub(self.clock.now_nanos()),
+        ))
+    }
+}
+
+impl PartialEq for Rejected {
+    /// The same state and the same moment to retry at.
+    fn eq(&self, other: &Self) -> bool {
+        self.state == other.state && self.retry_at == other.retry_at
+    }
+}
+
+impl Eq for Rejected {}
+
+impl fmt::Debug for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejected")
+            .field("state", &self.state)
+            .field("retry_after", &self.retry_after())
+            .finish()
+    }
 }
 
 impl fmt::Display for Rejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.state, self.retry_after) {
+        match (self.state, self.retry_after()) {
             (State::HalfOpen, Some(after)) => write!(
                 f,
                 "circuit half-open with every trial slot taken; retry after {after:?}"
