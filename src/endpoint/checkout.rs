@@ -11,16 +11,17 @@ use crate::backend::Backend;
 /// fresh connection; the server is asked to stop a statement given up on.
 pub(crate) struct Checkout<DB: Backend> {
     connection: Option<Connection<DB>>,
-    /// The pool's own use (the health loop): giving it back does not count as use for the
-    /// idle timeout.
-    quiet: bool,
+    /// Giving it back counts as use for the idle timeout: a caller's checkout on an endpoint
+    /// that has one. Not the pool's own use (the health loop), and not at all without an idle
+    /// timeout, where nobody reads the time and a clock read per call would be wasted.
+    records_use: bool,
 }
 
 impl<DB: Backend> Checkout<DB> {
-    pub(crate) fn new(connection: Connection<DB>, quiet: bool) -> Self {
+    pub(crate) fn new(connection: Connection<DB>, records_use: bool) -> Self {
         Self {
             connection: Some(connection),
-            quiet,
+            records_use,
         }
     }
 
@@ -147,7 +148,7 @@ impl<DB: Backend> Drop for Checkout<DB> {
             return;
         };
         if !connection.busy && !connection.broken {
-            if !self.quiet {
+            if self.records_use {
                 connection.used_at = std::time::Instant::now();
             }
             return; // back to the pool

@@ -205,7 +205,8 @@ impl<DB: Backend> Endpoint<DB> {
             recycle: None,
         };
         let got = self.pool.timeout_get(&timeouts).await;
-        got.map(|connection| Checkout::new(connection, false))
+        let records_use = self.idle_timeout.is_some();
+        got.map(|connection| Checkout::new(connection, records_use))
     }
 
     /// A free connection for the pool's own use, if one is idle now; it does not count as
@@ -217,7 +218,7 @@ impl<DB: Backend> Endpoint<DB> {
             recycle: None,
         };
         let got = self.pool.timeout_get(&timeouts).await;
-        got.map(|connection| Checkout::new(connection, true))
+        got.map(|connection| Checkout::new(connection, false))
     }
 
     /// Opens connections until `min_connections` are open, each within `limit`; returns
