@@ -125,7 +125,7 @@ impl<'p, DB: Backend> OnRoute<'p, DB> {
     /// Runs `operation` once on a connection of the route.
     fn once<'e, T: Send + 'static>(
         self,
-        operation: Once<'e, DB, T>,
+        operation: BoxedOperation<'e, DB, T>,
     ) -> BoxFuture<'e, Result<T, sqlx::Error>>
     where
         'p: 'e,
@@ -144,7 +144,7 @@ impl<'p, DB: Backend> OnRoute<'p, DB> {
 }
 
 /// An operation on a connection, with its type erased (see `operation::Erased`).
-type Once<'e, DB, T> = Box<
+type BoxedOperation<'e, DB, T> = Box<
     dyn for<'c> Fn(&'c mut <DB as Database>::Connection) -> QueryFuture<'c, T> + Send + Sync + 'e,
 >;
 
