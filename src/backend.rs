@@ -44,6 +44,14 @@ pub trait Backend:
     /// The connection as an executor.
     fn executor(connection: &mut Self::Connection) -> Self::Executor<'_>;
 
+    /// The rows a statement changed, as its result says.
+    #[doc(hidden)]
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+
+    /// A [`DurableWrite`](crate::DurableWrite)'s values as this database's arguments.
+    #[doc(hidden)]
+    fn durable_arguments(values: &[crate::Value]) -> Result<Self::Arguments, sqlx::Error>;
+
     /// This database's rule from error code (SQLSTATE, result code) to class.
     #[doc(hidden)]
     fn classify_code(code: &str) -> ErrorClass;
@@ -150,6 +158,14 @@ mod postgres {
 
         fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {
             connection
+        }
+
+        fn rows_affected(result: &Self::QueryResult) -> u64 {
+            result.rows_affected()
+        }
+
+        fn durable_arguments(values: &[crate::Value]) -> Result<Self::Arguments, sqlx::Error> {
+            crate::durable::arguments::<Self>(values)
         }
 
         fn classify_code(code: &str) -> ErrorClass {
@@ -322,6 +338,14 @@ mod sqlite {
 
         fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {
             connection
+        }
+
+        fn rows_affected(result: &Self::QueryResult) -> u64 {
+            result.rows_affected()
+        }
+
+        fn durable_arguments(values: &[crate::Value]) -> Result<Self::Arguments, sqlx::Error> {
+            crate::durable::arguments::<Self>(values)
         }
 
         fn classify_code(code: &str) -> ErrorClass {

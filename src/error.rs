@@ -141,6 +141,37 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A write for the outbox found it full: it was neither applied nor queued.
+    #[error(
+        "the outbox is full ({writes} writes, {bytes} bytes; at most {max_writes} writes, \
+         {max_bytes} bytes): the write was neither applied nor queued{}",
+        match cause { Some(cause) => format!("; it went to the outbox because {cause}"), None => String::new() }
+    )]
+    OutboxFull {
+        /// Writes queued.
+        writes: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// The bound on writes.
+        max_writes: u64,
+        /// The bound on bytes.
+        max_bytes: u64,
+        /// Why the write went to the outbox; `None` when it went there to wait behind
+        /// earlier writes.
+        #[source]
+        cause: Option<Box<Error>>,
+    },
+    /// The outbox's file could not be opened, read or written.
+    #[error("the outbox at {} could not {operation}: {source}", path.display())]
+    Outbox {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the outbox was doing.
+        operation: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: sqlx::Error,
+    },
     /// The pool was closed.
     #[error("the pool is closed")]
     Closed,
@@ -262,12 +293,14 @@ impl Error {
             | Self::SplitBrain { .. }
             | Self::NotPrimary { .. }
             | Self::ReplicaLagging { .. }
-            | Self::Timeout { .. } => true,
+            | Self::Timeout { .. }
+            | Self::OutboxFull { .. } => true,
             Self::Database { route, class, .. } => class.counts_as_failure(*route),
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .all(|attempt| attempt.error.is_unavailable()),
             Self::InvalidQuery { .. }
+            | Self::Outbox { .. }
             | Self::Closed
             | Self::UnknownEndpoint(_)
             | Self::Config(_) => false,

@@ -48,6 +48,17 @@ pub enum Source {
         /// Why the database could not answer.
         cause: Error,
     },
+    /// A keyed write waits in the outbox, which applies it exactly once when the write
+    /// route serves again (see [`Keyed::or_enqueue`](crate::Keyed::or_enqueue)).
+    Queued {
+        /// The write's idempotency key.
+        key: String,
+        /// Its place in the queue when it was queued, 1 for the next to be applied.
+        position: u64,
+        /// Why the write route could not take it; `None` when it joined earlier writes
+        /// waiting in the queue rather than overtake them.
+        cause: Option<Error>,
+    },
 }
 
 impl<T> Served<T> {
@@ -70,7 +81,8 @@ impl<T> Served<T> {
         &self.source
     }
 
-    /// Whether the value did not come from a database just now (cache or fallback).
+    /// Whether the value did not come from a database just now (cache, fallback, or a write
+    /// queued rather than applied).
     pub fn is_stale(&self) -> bool {
         !matches!(self.source, Source::Database { .. })
     }
@@ -96,6 +108,7 @@ impl<T> Served<T> {
         match &self.source {
             Source::Database { .. } => None,
             Source::Cache { cause, .. } | Source::Fallback { cause } => Some(cause),
+            Source::Queued { cause, .. } => cause.as_ref(),
         }
     }
 }
@@ -109,12 +122,13 @@ impl<T> Deref for Served<T> {
 }
 
 impl Source {
-    /// `database`, `cache` or `fallback`, as in metrics labels and traces.
+    /// `database`, `cache`, `fallback` or `queued`, as in metrics labels and traces.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Database { .. } => "database",
             Self::Cache { .. } => "cache",
             Self::Fallback { .. } => "fallback",
+            Self::Queued { .. } => "queued",
         }
     }
 }

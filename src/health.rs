@@ -42,6 +42,11 @@ pub struct HealthReport {
     /// The endpoints that all say they are the primary, when more than one does (split
     /// brain: writes go to none of them); empty otherwise.
     pub split_brain: Vec<Arc<str>>,
+    /// The outbox, if the pool has one. Writes waiting in it, or dead letters kept, make the
+    /// verdict at least `degraded`.
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
+    pub outbox: Option<crate::outbox::OutboxHealth>,
 }
 
 /// One endpoint in the health report.
@@ -97,18 +102,27 @@ impl HealthReport {
         cache: &'static str,
         endpoints: Vec<EndpointHealth>,
         split_brain: Vec<Arc<str>>,
+        #[cfg(feature = "outbox")] outbox: Option<crate::outbox::OutboxHealth>,
     ) -> Self {
-        let status = if split_brain.is_empty() {
+        let mut status = if split_brain.is_empty() {
             verdict(&endpoints)
         } else {
             HealthStatus::Unhealthy
         };
+        #[cfg(feature = "outbox")]
+        if status == HealthStatus::Healthy
+            && outbox.is_some_and(|outbox| outbox.depth > 0 || outbox.dead_letters > 0)
+        {
+            status = HealthStatus::Degraded;
+        }
         Self {
             status,
             uptime,
             cache,
             endpoints,
             split_brain,
+            #[cfg(feature = "outbox")]
+            outbox,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod breaker;
 pub mod cache;
 mod classify;
 pub mod config;
+mod durable;
 mod endpoint;
 mod error;
 pub mod fallback;
@@ -21,6 +22,9 @@ mod health;
 #[cfg(feature = "axum")]
 mod http;
 mod into_sqlx;
+#[cfg(feature = "outbox")]
+#[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
+pub mod outbox;
 mod pool;
 mod problem;
 mod role;
@@ -31,15 +35,19 @@ pub mod telemetry;
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};
 pub use config::PoolConfig;
+pub use durable::{DurableWrite, Value, ValueKind};
 pub use endpoint::{AfterConnectFuture, EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
 pub use pool::DefaultDatabase;
+#[cfg(feature = "outbox")]
+pub use pool::Enqueueing;
 pub use pool::{
-    Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, OnRoute,
-    PoolBuilder, PoolStateChange, ProtectedConnection, ProtectedPool, ProtectedTransaction,
-    RoutableQuery, Routed, RowStream, TransactionRetry,
+    Cacheable, CallFallback, ClusterEvent, Degradable, IdempotencyConfig, Keyed, KeyedWrite,
+    MAX_KEY_LEN, NoFallback, NotCacheable, OnRoute, PoolBuilder, PoolStateChange,
+    ProtectedConnection, ProtectedPool, ProtectedTransaction, RoutableQuery, Routed, RowStream,
+    TransactionRetry, WriteOutcome,
 };
 pub use role::Role;
 pub use route::{Route, RouteConfig, UnknownRoute};

@@ -18,6 +18,15 @@
 //! | `protected_pool_endpoint_role` | gauge | `endpoint` | the role its server last reported: 0 unknown, 1 primary, 2 replica |
 //! | `protected_pool_role_changes_total` | counter | `endpoint`, `from`, `to` | role changes (`primary`, `replica`, `unknown`) |
 //! | `protected_pool_transaction_retries_total` | counter | | transactions run again after the server rolled them back (serialization failure, deadlock) |
+//! | `protected_pool_keyed_write_retries_total` | counter | | keyed writes tried again after a failure that may pass (its key makes that safe) |
+//! | `protected_pool_outbox_depth` | gauge | | writes waiting in the outbox |
+//! | `protected_pool_outbox_bytes` | gauge | | their size, as the outbox's byte bound counts it |
+//! | `protected_pool_outbox_oldest_age_seconds` | gauge | | how long the oldest has waited (0 when empty) |
+//! | `protected_pool_outbox_queued_total` | counter | | writes queued |
+//! | `protected_pool_outbox_replayed_total` | counter | `outcome` | queued writes applied (`applied`) or found applied already (`already_applied`) |
+//! | `protected_pool_outbox_dead_lettered_total` | counter | | queued writes the database refused (constraint, bad data), moved to the dead letters |
+//! | `protected_pool_outbox_dead_letters` | gauge | | dead letters kept now |
+//! | `protected_pool_outbox_rejected_total` | counter | | writes not queued because the outbox was full |
 
 use metrics::{Counter, Histogram, Label};
 
@@ -131,6 +140,31 @@ pub const TRANSACTION_RETRIES: &str = "protected_pool_transaction_retries_total"
 pub(crate) fn transaction_retried() {
     metrics::counter!(TRANSACTION_RETRIES).increment(1);
 }
+
+/// Keyed writes tried again.
+pub const KEYED_WRITE_RETRIES: &str = "protected_pool_keyed_write_retries_total";
+
+/// A keyed write tried again.
+pub(crate) fn keyed_write_retry() {
+    metrics::counter!(KEYED_WRITE_RETRIES).increment(1);
+}
+
+/// Writes waiting in the outbox.
+pub const OUTBOX_DEPTH: &str = "protected_pool_outbox_depth";
+/// Their size in bytes.
+pub const OUTBOX_BYTES: &str = "protected_pool_outbox_bytes";
+/// How long the oldest has waited, in seconds.
+pub const OUTBOX_OLDEST_AGE: &str = "protected_pool_outbox_oldest_age_seconds";
+/// Writes queued.
+pub const OUTBOX_QUEUED: &str = "protected_pool_outbox_queued_total";
+/// Queued writes applied, by `outcome` (`applied`, `already_applied`).
+pub const OUTBOX_REPLAYED: &str = "protected_pool_outbox_replayed_total";
+/// Queued writes moved to the dead letters.
+pub const OUTBOX_DEAD_LETTERED: &str = "protected_pool_outbox_dead_lettered_total";
+/// Dead letters kept now.
+pub const OUTBOX_DEAD_LETTERS: &str = "protected_pool_outbox_dead_letters";
+/// Writes refused by a full outbox.
+pub const OUTBOX_REJECTED: &str = "protected_pool_outbox_rejected_total";
 
 /// A call served without an endpoint, from the cache or a fallback.
 pub(crate) fn served_without_endpoint(route: Route, outcome: &'static str) {

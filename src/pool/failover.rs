@@ -35,12 +35,28 @@ impl<DB: Backend> PoolInner<DB> {
         &self,
         route: Route,
         replay: Replay,
-        mut operation: O,
+        operation: O,
     ) -> Result<Done<O::Output>>
     where
         O: Operation<DB::Connection>,
     {
         let deadline = tokio::time::Instant::now() + self.routes[route.index()].timeout;
+        self.failover_until(route, replay, operation, deadline)
+            .await
+    }
+
+    /// [`failover`](Self::failover) within a deadline of the caller's: one try of a call
+    /// that may try more than once within the route's timeout (a keyed write).
+    pub(crate) async fn failover_until<O>(
+        &self,
+        route: Route,
+        replay: Replay,
+        mut operation: O,
+        deadline: tokio::time::Instant,
+    ) -> Result<Done<O::Output>>
+    where
+        O: Operation<DB::Connection>,
+    {
         let mut queue: VecDeque<&Endpoint<DB>> =
             self.router.candidates(route, &self.endpoints)?.into();
         let mut tried: Vec<Tried> = Vec::new();

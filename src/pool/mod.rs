@@ -9,8 +9,11 @@ mod events;
 mod executor;
 mod failover;
 mod handout;
+mod keyed;
 mod operation;
 mod probe;
+#[cfg(feature = "outbox")]
+mod replay;
 mod retry;
 mod routed;
 mod statement;
@@ -25,6 +28,10 @@ pub use builder::PoolBuilder;
 pub use connection::{ProtectedConnection, ProtectedTransaction};
 pub use events::PoolStateChange;
 pub use executor::OnRoute;
+pub(crate) use keyed::now_ms;
+pub use keyed::{IdempotencyConfig, Keyed, KeyedWrite, MAX_KEY_LEN, WriteOutcome};
+#[cfg(feature = "outbox")]
+pub use replay::Enqueueing;
 pub use retry::TransactionRetry;
 pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed};
 pub use statement::RoutableQuery;
@@ -117,6 +124,14 @@ pub(crate) struct PoolInner<DB: Backend> {
     /// The longest a cache operation may take before it counts as a miss.
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
+    /// The key table of keyed writes.
+    keys: keyed::Keys,
+    /// Where keyed writes wait while the write route cannot take them.
+    #[cfg(feature = "outbox")]
+    outbox: Option<Arc<crate::outbox::Outbox>>,
+    /// The task that applies the outbox's writes.
+    #[cfg(feature = "outbox")]
+    replayer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Queries given to the pool run as unnamed statements: an endpoint is behind a
     /// transaction pooler (see `EndpointOptions::transaction_pooler`).
     unnamed_statements: bool,
@@ -168,6 +183,15 @@ impl<DB: Backend> fmt::Debug for ProtectedPool<DB> {
 impl<DB: Backend> Drop for PoolInner<DB> {
     fn drop(&mut self) {
         self.probes.stop();
+        #[cfg(feature = "outbox")]
+        if let Some(replayer) = self
+            .replayer
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            replayer.abort();
+        }
         for endpoint in &self.endpoints {
             endpoint.close();
         }
@@ -464,6 +488,8 @@ impl<DB: Backend> ProtectedPool<DB> {
             inner.cache.kind(),
             endpoints.collect(),
             inner.topology.split_brain(),
+            #[cfg(feature = "outbox")]
+            inner.outbox.as_ref().map(|outbox| outbox.health()),
         )
     }
 

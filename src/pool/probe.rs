@@ -107,7 +107,7 @@ impl Probes {
         self.stop.send_replace(true);
     }
 
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         *self.stop.borrow()
     }
 }

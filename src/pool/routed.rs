@@ -69,6 +69,13 @@ impl<'p, DB: Backend, Q, C> Routed<'p, DB, Q, C> {
     }
 }
 
+impl<'p, DB: Backend, Q, C> Routed<'p, DB, Q, C> {
+    /// The pool, the route and the query.
+    pub(super) fn into_parts(self) -> (&'p ProtectedPool<DB>, Route, Q) {
+        (self.pool, self.route, self.query)
+    }
+}
+
 impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
     /// Exactly one row; no row is an error of class `Query`.
     pub fn fetch_one(self) -> impl Future<Output = Result<Q::Output>> + Send + 'p {

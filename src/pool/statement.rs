@@ -25,6 +25,15 @@ pub struct Statement<DB: Database> {
 }
 
 impl<DB: Backend> Statement<DB> {
+    /// A statement from SQL and arguments already encoded.
+    pub(crate) fn new(sql: SqlStr, arguments: DB::Arguments) -> Self {
+        Self {
+            sql,
+            arguments,
+            persistent: true,
+        }
+    }
+
     pub(crate) fn take_apart<'q, E: Execute<'q, DB>>(mut query: E) -> Result<Self, sqlx::Error> {
         let persistent = query.persistent();
         let arguments = query

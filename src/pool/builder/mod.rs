@@ -14,6 +14,7 @@ use std::time::Duration;
 use sqlx::Connection;
 
 use super::events::{PoolListener, PoolListeners, PoolStateChange};
+use super::keyed::{IdempotencyConfig, Keys};
 use super::probe::Probes;
 use super::topology::{ClusterEvent, ClusterListener, Topology};
 use super::{PoolInner, ProtectedPool};
@@ -71,6 +72,9 @@ pub struct PoolBuilder<DB: Backend> {
     cache: Option<Arc<dyn Cache>>,
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
+    pub(super) idempotency: IdempotencyConfig,
+    #[cfg(feature = "outbox")]
+    pub(super) outbox: Option<crate::outbox::OutboxConfig>,
     /// Problems found while reading a [`PoolConfig`], reported with the rest by `build`.
     problems: Vec<ConfigProblem>,
     _database: PhantomData<DB>,
@@ -127,6 +131,9 @@ impl<DB: Backend> PoolBuilder<DB> {
             cache: None,
             cache_timeout: Duration::from_millis(250),
             fallbacks: RouteFallbacks::default(),
+            idempotency: IdempotencyConfig::default(),
+            #[cfg(feature = "outbox")]
+            outbox: None,
             problems: Vec::new(),
             _database: PhantomData,
         }
@@ -444,6 +451,32 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
+    /// Where keyed writes ([`Routed::idempotent`](crate::Routed::idempotent)) record their keys,
+    /// and for how long.
+    pub fn idempotency(mut self, config: IdempotencyConfig) -> Self {
+        self.idempotency = config;
+        self
+    }
+
+    /// Gives the pool an outbox: keyed [`DurableWrite`](crate::DurableWrite)s sent with
+    /// [`or_enqueue`](crate::Keyed::or_enqueue) wait in it while the write route cannot take
+    /// them, and are applied from it, in order and exactly once, when it can. Writes queued
+    /// before a restart are applied after it. See [`crate::outbox`].
+    ///
+    /// ```
+    /// use protected_pool::{ProtectedPool, outbox::OutboxConfig};
+    ///
+    /// let builder = ProtectedPool::postgres()
+    ///     .primary("postgres://app@db/app")
+    ///     .outbox(OutboxConfig::new("/var/lib/app/outbox.sqlite").max_writes(50_000));
+    /// ```
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
+    pub fn outbox(mut self, config: crate::outbox::OutboxConfig) -> Self {
+        self.outbox = Some(config);
+        self
+    }
+
     /// Builds the pool without opening a connection: the first call connects. Recovery
     /// probes start now when called inside a tokio runtime, else with the first call.
     pub fn build(self) -> Result<ProtectedPool<DB>> {
@@ -499,6 +532,24 @@ impl<DB: Backend> PoolBuilder<DB> {
                 .collect(),
             self.cluster_listeners,
         );
+        #[cfg(feature = "outbox")]
+        let outbox = self
+            .outbox
+            .map(|config| Arc::new(crate::outbox::Outbox::new(config)));
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &outbox {
+            // The replayer waits while the write route cannot serve; it goes on as soon as a
+            // write breaker closes.
+            let outbox = Arc::downgrade(outbox);
+            listeners.add(Arc::new(move |change: &PoolStateChange| {
+                if change.route == Route::Write
+                    && change.change.to == crate::breaker::State::Closed
+                    && let Some(outbox) = outbox.upgrade()
+                {
+                    outbox.wake.notify_one();
+                }
+            }));
+        }
         let inner = Arc::new_cyclic(|me| PoolInner {
             me: me.clone(),
             endpoints,
@@ -517,6 +568,11 @@ impl<DB: Backend> PoolBuilder<DB> {
                 .unwrap_or_else(|| Arc::new(MemoryCache::default())),
             cache_timeout: self.cache_timeout,
             fallbacks: self.fallbacks,
+            keys: Keys::new(self.idempotency, DB::SYSTEM),
+            #[cfg(feature = "outbox")]
+            outbox: outbox.clone(),
+            #[cfg(feature = "outbox")]
+            replayer: std::sync::Mutex::new(None),
             unnamed_statements,
             started: std::time::Instant::now(),
         });
@@ -527,6 +583,8 @@ impl<DB: Backend> PoolBuilder<DB> {
             }
         }));
         inner.start_probes();
+        #[cfg(feature = "outbox")]
+        inner.ensure_replayer();
         Ok(ProtectedPool { inner })
     }
 
@@ -540,6 +598,11 @@ impl<DB: Backend> PoolBuilder<DB> {
         pool.with_connection(Route::Write, async |connection| connection.ping().await)
             .await?;
         pool.inner.warm_up().await;
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &pool.inner.outbox {
+            // A file that cannot be opened is reported now, not at the first queued write.
+            outbox.store().await?;
+        }
         Ok(pool)
     }
 }

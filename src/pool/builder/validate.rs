@@ -68,6 +68,11 @@ impl<DB: Backend> PoolBuilder<DB> {
                 problems.push(ConfigProblem::new(path, problem));
             }
         }
+        problems.extend(self.idempotency.problems("idempotency"));
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &self.outbox {
+            problems.extend(outbox.problems("outbox"));
+        }
         if !problems.is_empty() {
             return Err(ConfigError::new(problems));
         }
