@@ -25,6 +25,9 @@ mod pool;
 mod problem;
 mod role;
 mod route;
+#[cfg(feature = "route-by-sql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "route-by-sql")))]
+pub mod route_by_sql;
 mod router;
 pub mod telemetry;
 
