@@ -38,6 +38,8 @@ pub use endpoint::{AfterConnectFuture, EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
+#[cfg(feature = "route-by-sql")]
+pub use pool::BySql;
 pub use pool::DefaultDatabase;
 pub use pool::{
     Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, OnRoute,
