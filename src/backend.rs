@@ -36,6 +36,12 @@ pub trait Backend:
     #[doc(hidden)]
     const URL_PARAMETERS: &'static [&'static str];
 
+    /// The dialect its SQL is read in, to pick a statement's route from it (see
+    /// [`route_by_sql`](crate::route_by_sql)).
+    #[cfg(feature = "route-by-sql")]
+    #[doc(hidden)]
+    const SQL_DIALECT: crate::route_by_sql::SqlDialect;
+
     /// The executor a query runs on: a mutable connection.
     type Executor<'c>: Executor<'c, Database = Self>
     where
@@ -154,6 +160,9 @@ mod postgres {
             "application_name",
             "options",
         ];
+        #[cfg(feature = "route-by-sql")]
+        const SQL_DIALECT: crate::route_by_sql::SqlDialect =
+            crate::route_by_sql::SqlDialect::Postgres;
         type Executor<'c> = &'c mut sqlx::PgConnection;
 
         fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {
@@ -334,6 +343,9 @@ mod sqlite {
         const SYSTEM: &'static str = "sqlite";
         const CHANGES_ROLES: bool = false;
         const URL_PARAMETERS: &'static [&'static str] = &["mode", "cache", "immutable", "vfs"];
+        #[cfg(feature = "route-by-sql")]
+        const SQL_DIALECT: crate::route_by_sql::SqlDialect =
+            crate::route_by_sql::SqlDialect::Sqlite;
         type Executor<'c> = &'c mut sqlx::SqliteConnection;
 
         fn executor(connection: &mut Self::Connection) -> Self::Executor<'_> {

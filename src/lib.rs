@@ -29,6 +29,9 @@ mod pool;
 mod problem;
 mod role;
 mod route;
+#[cfg(feature = "route-by-sql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "route-by-sql")))]
+pub mod route_by_sql;
 mod router;
 pub mod telemetry;
 
@@ -40,6 +43,8 @@ pub use endpoint::{AfterConnectFuture, EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
 pub use fallback::{FallbackContext, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
+#[cfg(feature = "route-by-sql")]
+pub use pool::BySql;
 pub use pool::DefaultDatabase;
 #[cfg(feature = "outbox")]
 pub use pool::Enqueueing;

@@ -2,6 +2,8 @@
 
 mod attempt;
 mod builder;
+#[cfg(feature = "route-by-sql")]
+mod by_sql;
 mod call;
 mod connection;
 mod degrade;
@@ -25,6 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use builder::PoolBuilder;
+#[cfg(feature = "route-by-sql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "route-by-sql")))]
+pub use by_sql::BySql;
 pub use connection::{ProtectedConnection, ProtectedTransaction};
 pub use events::PoolStateChange;
 pub use executor::OnRoute;
@@ -276,6 +281,40 @@ impl<DB: Backend> ProtectedPool<DB> {
     /// A query of the auth route (logins, session checks).
     pub fn auth<Q>(&self, query: Q) -> Routed<'_, DB, Q> {
         Routed::new(self, Route::Auth, query)
+    }
+
+    /// A query whose route is read from its SQL (feature `route-by-sql`): the read route when
+    /// the statement is provably read-only, else the write route; SQL that does not parse is
+    /// a write, never an error. [`route_by_sql`](crate::route_by_sql) states the rule, and
+    /// [`Route::of_sql`] gives the route a statement would take. Either way the call is
+    /// never cached (a read that wants the cache says so with [`read`](Self::read)); a read
+    /// is replayed on the next endpoint like any other. The SQL is parsed on every call, which
+    /// `read` and `write` do not do: a hot path that knows its route can say it.
+    ///
+    /// Takes [`sqlx::query()`], [`sqlx::query_as()`], [`sqlx::query_scalar()`] and their
+    /// `_with` forms; the compile-time checked macros (`query!`) say their route with
+    /// [`read`](Self::read) or [`write`](Self::write).
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// // A replica may answer this one...
+    /// let users: i64 = pool.query(sqlx::query_scalar("SELECT count(*) FROM users")).fetch_one().await?;
+    /// // ...the primary takes these.
+    /// pool.query(sqlx::query("INSERT INTO users (name) VALUES ($1)").bind("ada")).execute().await?;
+    /// let job: Option<i64> = pool
+    ///     .query(sqlx::query_scalar("SELECT id FROM jobs LIMIT 1 FOR UPDATE SKIP LOCKED"))
+    ///     .fetch_optional()
+    ///     .await?;
+    /// # let _ = (users, job); Ok(()) }
+    /// ```
+    #[cfg(feature = "route-by-sql")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "route-by-sql")))]
+    pub fn query<Q: RoutableQuery<DB>>(
+        &self,
+        query: Q,
+    ) -> Routed<'_, DB, BySql<DB, Q>, NotCacheable> {
+        let (route, query) = BySql::route(query);
+        Routed::new(self, route, query)
     }
 
     /// Runs any sqlx code on one connection, on `route`.

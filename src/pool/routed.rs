@@ -13,6 +13,8 @@ use sqlx::query::{Map, Query};
 use sqlx::{Either, IntoArguments};
 
 use super::ProtectedPool;
+#[cfg(feature = "route-by-sql")]
+use super::by_sql::BySql;
 use super::call::{replay_for, run_statement};
 use super::degrade::CacheRequest;
 use super::executor::OnRoute;
@@ -206,6 +208,21 @@ where
     /// affected, ...).
     pub fn execute(self) -> impl Future<Output = Result<DB::QueryResult>> + Send + 'p {
         // A statement run for its effect may write: never repeat it on another endpoint.
+        let call = self.degradable().run(execute_on::<DB>, false, None);
+        async move { call.await.map(Served::into_inner) }
+    }
+}
+
+/// A plain query routed by its SQL ([`ProtectedPool::query`]).
+#[cfg(feature = "route-by-sql")]
+impl<'p, 'q, DB, A, C> Routed<'p, DB, BySql<DB, Query<'q, DB, A>>, C>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+{
+    /// Runs a statement for its effect, at most once, even on the read route; returns the
+    /// driver's result (rows affected, ...).
+    pub fn execute(self) -> impl Future<Output = Result<DB::QueryResult>> + Send + 'p {
         let call = self.degradable().run(execute_on::<DB>, false, None);
         async move { call.await.map(Served::into_inner) }
     }
@@ -465,6 +482,23 @@ where
     /// Runs a statement for its effect, at most once, with the call's fallback for when no
     /// endpoint can take it (see [`Error::is_outcome_unknown`] in the fallback's context
     /// before standing in for a write that may have happened).
+    pub fn execute(self) -> impl Future<Output = Result<Served<DB::QueryResult>>> + Send + 'p
+    where
+        F: CallFallback<DB::QueryResult>,
+    {
+        self.run(execute_on::<DB>, false, None)
+    }
+}
+
+/// A plain query routed by its SQL ([`ProtectedPool::query`]), with a fallback.
+#[cfg(feature = "route-by-sql")]
+impl<'p, 'q, DB, A, F, C> Degradable<'p, DB, BySql<DB, Query<'q, DB, A>>, F, C>
+where
+    DB: Backend,
+    A: 'q + IntoArguments<DB> + Send,
+{
+    /// Runs a statement for its effect, at most once, with the call's fallback for when no
+    /// endpoint can take it (as for a plain query's).
     pub fn execute(self) -> impl Future<Output = Result<Served<DB::QueryResult>>> + Send + 'p
     where
         F: CallFallback<DB::QueryResult>,

@@ -122,6 +122,8 @@ mod sealed {
     impl<DB: sqlx::Database, A> Sealed for Query<'_, DB, A> {}
     impl<DB: sqlx::Database, O, A> Sealed for QueryAs<'_, DB, O, A> {}
     impl<DB: sqlx::Database, O, A> Sealed for QueryScalar<'_, DB, O, A> {}
+    #[cfg(feature = "route-by-sql")]
+    impl<DB: crate::backend::Backend, Q> Sealed for super::super::by_sql::BySql<DB, Q> {}
 }
 
 impl<'q, DB, A> RoutableQuery<DB> for Query<'q, DB, A>
