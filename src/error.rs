@@ -150,6 +150,22 @@ pub enum Error {
     /// The configuration was rejected.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// No endpoint could serve the call, and an async fallback that stood in for it failed
+    /// too (its error, no answer within the call's timeout, a panic). The call's own error
+    /// comes first: [`route`](Self::route), [`class`](Self::class),
+    /// [`is_circuit_open`](Self::is_circuit_open) and every other accessor answer for
+    /// `cause`; [`fallback_error`](Self::fallback_error) says how the fallback failed.
+    #[error("{cause}; the fallback failed too: {fallback}")]
+    FallbackFailed {
+        /// Why no endpoint could serve the call: the error the call returns without a
+        /// fallback.
+        #[source]
+        cause: Box<Error>,
+        /// How the fallback failed: its own error, a
+        /// [`FallbackTimedOut`](crate::fallback::FallbackTimedOut) or a
+        /// [`FallbackPanicked`](crate::fallback::FallbackPanicked).
+        fallback: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// One endpoint's part in a call that failed everywhere.
@@ -200,6 +216,7 @@ impl Error {
             | Self::Timeout { route, .. }
             | Self::AllEndpointsFailed { route, .. }
             | Self::InvalidQuery { route, .. } => Some(*route),
+            Self::FallbackFailed { cause, .. } => cause.route(),
             _ => None,
         }
     }
@@ -216,6 +233,7 @@ impl Error {
             Self::AllEndpointsFailed { attempts, .. } => {
                 attempts.last().map(|attempt| &*attempt.endpoint)
             }
+            Self::FallbackFailed { cause, .. } => cause.endpoint(),
             _ => None,
         }
     }
@@ -232,6 +250,7 @@ impl Error {
                 .iter()
                 .rev()
                 .find_map(|attempt| attempt.error.class()),
+            Self::FallbackFailed { cause, .. } => cause.class(),
             _ => None,
         }
     }
@@ -246,6 +265,7 @@ impl Error {
                     Self::CircuitOpen { .. } | Self::ReplicaLagging { .. }
                 )
             }),
+            Self::FallbackFailed { cause, .. } => cause.is_circuit_open(),
             _ => false,
         }
     }
@@ -267,6 +287,7 @@ impl Error {
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .all(|attempt| attempt.error.is_unavailable()),
+            Self::FallbackFailed { cause, .. } => cause.is_unavailable(),
             Self::InvalidQuery { .. }
             | Self::Closed
             | Self::UnknownEndpoint(_)
@@ -282,6 +303,7 @@ impl Error {
                 .iter()
                 .filter_map(|attempt| attempt.error.retry_after())
                 .min(),
+            Self::FallbackFailed { cause, .. } => cause.retry_after(),
             _ => None,
         }
     }
@@ -299,6 +321,7 @@ impl Error {
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .any(|attempt| attempt.error.is_outcome_unknown()),
+            Self::FallbackFailed { cause, .. } => cause.is_outcome_unknown(),
             _ => false,
         }
     }
@@ -307,6 +330,7 @@ impl Error {
     pub fn attempts(&self) -> &[Attempt] {
         match self {
             Self::AllEndpointsFailed { attempts, .. } => attempts,
+            Self::FallbackFailed { cause, .. } => cause.attempts(),
             _ => &[],
         }
     }
@@ -319,6 +343,7 @@ impl Error {
                 .iter()
                 .rev()
                 .find_map(|attempt| attempt.error.as_sqlx()),
+            Self::FallbackFailed { cause, .. } => cause.as_sqlx(),
             _ => None,
         }
     }
@@ -328,6 +353,43 @@ impl Error {
         match self.as_sqlx()? {
             sqlx::Error::Database(db) => db.code().map(|code| code.into_owned()),
             _ => None,
+        }
+    }
+
+    /// How an async fallback that stood in for the call failed (its own error, a
+    /// [`FallbackTimedOut`](crate::fallback::FallbackTimedOut), a
+    /// [`FallbackPanicked`](crate::fallback::FallbackPanicked)); `None` when none failed.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) {
+    /// use protected_pool::fallback::FallbackTimedOut;
+    ///
+    /// let call = pool
+    ///     .read(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM users"))
+    ///     .or_fallback_async(|_request| async { Ok::<_, std::io::Error>(Some(0_i64)) })
+    ///     .fetch_one()
+    ///     .await;
+    /// if let Err(error) = call {
+    ///     match error.fallback_error() {
+    ///         Some(failure) if failure.is::<FallbackTimedOut>() => eprintln!("{error}: too slow"),
+    ///         Some(failure) => eprintln!("{error}; the fallback said {failure}"),
+    ///         None => eprintln!("{error}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn fallback_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            Self::FallbackFailed { fallback, .. } => Some(&**fallback),
+            _ => None,
+        }
+    }
+
+    /// The call's own error, without a fallback's failure attached to it.
+    pub(crate) fn original(&self) -> &Error {
+        match self {
+            Self::FallbackFailed { cause, .. } => cause.original(),
+            other => other,
         }
     }
 }

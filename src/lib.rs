@@ -33,13 +33,13 @@ pub use classify::{Classifier, ErrorClass};
 pub use config::PoolConfig;
 pub use endpoint::{AfterConnectFuture, EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
-pub use fallback::{FallbackContext, Served, Source};
+pub use fallback::{FallbackContext, FallbackRequest, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
 pub use pool::DefaultDatabase;
 pub use pool::{
-    Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable, OnRoute,
-    PoolBuilder, PoolStateChange, ProtectedConnection, ProtectedPool, ProtectedTransaction,
-    RoutableQuery, Routed, RowStream, TransactionRetry,
+    AsyncFallback, Cacheable, CallFallback, ClusterEvent, Degradable, NoFallback, NotCacheable,
+    OnRoute, PoolBuilder, PoolStateChange, ProtectedConnection, ProtectedPool,
+    ProtectedTransaction, RoutableQuery, Routed, RowStream, TransactionRetry,
 };
 pub use role::Role;
 pub use route::{Route, RouteConfig, UnknownRoute};

@@ -26,7 +26,9 @@ pub use connection::{ProtectedConnection, ProtectedTransaction};
 pub use events::PoolStateChange;
 pub use executor::OnRoute;
 pub use retry::TransactionRetry;
-pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed};
+pub use routed::{
+    AsyncFallback, Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed,
+};
 pub use statement::RoutableQuery;
 pub use stream::RowStream;
 pub use topology::ClusterEvent;
