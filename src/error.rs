@@ -181,6 +181,22 @@ pub enum Error {
     /// The configuration was rejected.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// No endpoint could serve the call, and an async fallback that stood in for it failed
+    /// too (its error, no answer within the call's timeout, a panic). The call's own error
+    /// comes first: [`route`](Self::route), [`class`](Self::class),
+    /// [`is_circuit_open`](Self::is_circuit_open) and every other accessor answer for
+    /// `cause`; [`fallback_error`](Self::fallback_error) says how the fallback failed.
+    #[error("{cause}; the fallback failed too: {fallback}")]
+    FallbackFailed {
+        /// Why no endpoint could serve the call: the error the call returns without a
+        /// fallback.
+        #[source]
+        cause: Box<Error>,
+        /// How the fallback failed: its own error, a
+        /// [`FallbackTimedOut`](crate::fallback::FallbackTimedOut) or a
+        /// [`FallbackPanicked`](crate::fallback::FallbackPanicked).
+        fallback: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// One endpoint's part in a call that failed everywhere.
@@ -231,6 +247,7 @@ impl Error {
             | Self::Timeout { route, .. }
             | Self::AllEndpointsFailed { route, .. }
             | Self::InvalidQuery { route, .. } => Some(*route),
+            Self::FallbackFailed { cause, .. } => cause.route(),
             _ => None,
         }
     }
@@ -247,6 +264,7 @@ impl Error {
             Self::AllEndpointsFailed { attempts, .. } => {
                 attempts.last().map(|attempt| &*attempt.endpoint)
             }
+            Self::FallbackFailed { cause, .. } => cause.endpoint(),
             _ => None,
         }
     }
@@ -263,6 +281,7 @@ impl Error {
                 .iter()
                 .rev()
                 .find_map(|attempt| attempt.error.class()),
+            Self::FallbackFailed { cause, .. } => cause.class(),
             _ => None,
         }
     }
@@ -277,6 +296,7 @@ impl Error {
                     Self::CircuitOpen { .. } | Self::ReplicaLagging { .. }
                 )
             }),
+            Self::FallbackFailed { cause, .. } => cause.is_circuit_open(),
             _ => false,
         }
     }
@@ -299,6 +319,7 @@ impl Error {
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .all(|attempt| attempt.error.is_unavailable()),
+            Self::FallbackFailed { cause, .. } => cause.is_unavailable(),
             Self::InvalidQuery { .. }
             | Self::Outbox { .. }
             | Self::Closed
@@ -315,6 +336,7 @@ impl Error {
                 .iter()
                 .filter_map(|attempt| attempt.error.retry_after())
                 .min(),
+            Self::FallbackFailed { cause, .. } => cause.retry_after(),
             _ => None,
         }
     }
@@ -332,6 +354,7 @@ impl Error {
             Self::AllEndpointsFailed { attempts, .. } => attempts
                 .iter()
                 .any(|attempt| attempt.error.is_outcome_unknown()),
+            Self::FallbackFailed { cause, .. } => cause.is_outcome_unknown(),
             _ => false,
         }
     }
@@ -340,6 +363,7 @@ impl Error {
     pub fn attempts(&self) -> &[Attempt] {
         match self {
             Self::AllEndpointsFailed { attempts, .. } => attempts,
+            Self::FallbackFailed { cause, .. } => cause.attempts(),
             _ => &[],
         }
     }
@@ -352,6 +376,7 @@ impl Error {
                 .iter()
                 .rev()
                 .find_map(|attempt| attempt.error.as_sqlx()),
+            Self::FallbackFailed { cause, .. } => cause.as_sqlx(),
             _ => None,
         }
     }
@@ -361,6 +386,43 @@ impl Error {
         match self.as_sqlx()? {
             sqlx::Error::Database(db) => db.code().map(|code| code.into_owned()),
             _ => None,
+        }
+    }
+
+    /// How an async fallback that stood in for the call failed (its own error, a
+    /// [`FallbackTimedOut`](crate::fallback::FallbackTimedOut), a
+    /// [`FallbackPanicked`](crate::fallback::FallbackPanicked)); `None` when none failed.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) {
+    /// use protected_pool::fallback::FallbackTimedOut;
+    ///
+    /// let call = pool
+    ///     .read(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM users"))
+    ///     .or_fallback_async(|_request| async { Ok::<_, std::io::Error>(Some(0_i64)) })
+    ///     .fetch_one()
+    ///     .await;
+    /// if let Err(error) = call {
+    ///     match error.fallback_error() {
+    ///         Some(failure) if failure.is::<FallbackTimedOut>() => eprintln!("{error}: too slow"),
+    ///         Some(failure) => eprintln!("{error}; the fallback said {failure}"),
+    ///         None => eprintln!("{error}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn fallback_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            Self::FallbackFailed { fallback, .. } => Some(&**fallback),
+            _ => None,
+        }
+    }
+
+    /// The call's own error, without a fallback's failure attached to it.
+    pub(crate) fn original(&self) -> &Error {
+        match self {
+            Self::FallbackFailed { cause, .. } => cause.original(),
+            other => other,
         }
     }
 }

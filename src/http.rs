@@ -104,6 +104,8 @@ struct Body {
 
 impl Answer {
     fn to(error: &Error) -> Self {
+        // An async fallback's failure changes nothing to what the caller is told.
+        let error = error.original();
         let unknown = error.is_outcome_unknown();
         let (status, code, message) = if matches!(error, Error::Closed) {
             (

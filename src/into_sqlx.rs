@@ -12,9 +12,10 @@ impl From<Error> for sqlx::Error {
     ///   (`as_database_error()`, `is_unique_violation()` work as with a plain sqlx pool).
     /// - A saturated pool: [`sqlx::Error::PoolTimedOut`], as sqlx's pool reports it.
     /// - A closed pool: [`sqlx::Error::PoolClosed`].
-    /// - Everything else (a breaker's refusal, a timeout, no primary, every endpoint failed):
-    ///   [`sqlx::Error::Io`] of kind `ConnectionRefused` (nothing was sent) or `TimedOut`,
-    ///   holding the whole [`Error`]; [`Error::from_sqlx`] gives it back.
+    /// - Everything else (a breaker's refusal, a timeout, no primary, every endpoint failed,
+    ///   any of these with an async fallback's failure attached): [`sqlx::Error::Io`] of kind
+    ///   `ConnectionRefused` (nothing was sent) or `TimedOut`, holding the whole [`Error`];
+    ///   [`Error::from_sqlx`] gives it back.
     fn from(error: Error) -> Self {
         match error {
             Error::Database { source, .. } | Error::InvalidQuery { source, .. } => source,
@@ -27,7 +28,7 @@ impl From<Error> for sqlx::Error {
 
 /// `error` whole inside an `Io` error.
 pub(crate) fn wrap(error: Error) -> sqlx::Error {
-    let kind = if error.is_outcome_unknown() || matches!(error, Error::Timeout { .. }) {
+    let kind = if error.is_outcome_unknown() || matches!(error.original(), Error::Timeout { .. }) {
         io::ErrorKind::TimedOut
     } else {
         io::ErrorKind::ConnectionRefused

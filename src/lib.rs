@@ -41,7 +41,7 @@ pub use config::PoolConfig;
 pub use durable::{DurableWrite, Value, ValueKind};
 pub use endpoint::{AfterConnectFuture, EndpointOptions, PoolStatus, RoleChange};
 pub use error::{Attempt, Error, Result};
-pub use fallback::{FallbackContext, Served, Source};
+pub use fallback::{FallbackContext, FallbackRequest, Served, Source};
 pub use health::{EndpointHealth, EndpointRole, HealthReport, HealthStatus, RouteHealth};
 #[cfg(feature = "route-by-sql")]
 pub use pool::BySql;
@@ -49,8 +49,8 @@ pub use pool::DefaultDatabase;
 #[cfg(feature = "outbox")]
 pub use pool::Enqueueing;
 pub use pool::{
-    Cacheable, CallFallback, ClusterEvent, Degradable, IdempotencyConfig, Keyed, KeyedWrite,
-    MAX_KEY_LEN, NoFallback, NotCacheable, OnRoute, PoolBuilder, PoolStateChange,
+    AsyncFallback, Cacheable, CallFallback, ClusterEvent, Degradable, IdempotencyConfig, Keyed,
+    KeyedWrite, MAX_KEY_LEN, NoFallback, NotCacheable, OnRoute, PoolBuilder, PoolStateChange,
     ProtectedConnection, ProtectedPool, ProtectedTransaction, RoutableQuery, Routed, RowStream,
     TransactionRetry, WriteOutcome,
 };

@@ -15,6 +15,7 @@
 //! | `protected_pool_replica_lag_seconds` | gauge | `endpoint` | replication lag as last measured |
 //! | `protected_pool_cache_lookups_total` | counter | `route`, `result` | cache fallback lookups: `hit`, `miss`, `error` |
 //! | `protected_pool_cache_errors_total` | counter | `cache`, `operation` | failed cache operations (`get`, `put`, `encode`, `decode`) |
+//! | `protected_pool_fallback_failures_total` | counter | `route`, `reason` | async fallbacks that failed: `error` (their error or a panic) or `timeout` (no answer within the call's timeout) |
 //! | `protected_pool_endpoint_role` | gauge | `endpoint` | the role its server last reported: 0 unknown, 1 primary, 2 replica |
 //! | `protected_pool_role_changes_total` | counter | `endpoint`, `from`, `to` | role changes (`primary`, `replica`, `unknown`) |
 //! | `protected_pool_transaction_retries_total` | counter | | transactions run again after the server rolled them back (serialization failure, deadlock) |
@@ -51,6 +52,8 @@ pub const REPLICA_LAG: &str = "protected_pool_replica_lag_seconds";
 pub const CACHE_LOOKUPS: &str = "protected_pool_cache_lookups_total";
 /// Failed cache operations by `cache` and `operation`.
 pub const CACHE_ERRORS: &str = "protected_pool_cache_errors_total";
+/// Async fallbacks that failed, by `route` and `reason` (`error`, `timeout`).
+pub const FALLBACK_FAILURES: &str = "protected_pool_fallback_failures_total";
 
 /// An endpoint's role as its server last said: 0 unknown, 1 primary, 2 replica.
 pub const ROLE: &str = "protected_pool_endpoint_role";
@@ -173,6 +176,12 @@ pub(crate) fn served_without_endpoint(route: Route, outcome: &'static str) {
 
 pub(crate) fn cache_lookup(route: Route, result: &'static str) {
     metrics::counter!(CACHE_LOOKUPS, "route" => route.as_str(), "result" => result).increment(1);
+}
+
+/// An async fallback failed: `reason` is `error` or `timeout`.
+pub(crate) fn fallback_failed(route: Route, reason: &'static str) {
+    metrics::counter!(FALLBACK_FAILURES, "route" => route.as_str(), "reason" => reason)
+        .increment(1);
 }
 
 pub(crate) fn cache_error(cache: &'static str, operation: &'static str) {

@@ -1,8 +1,9 @@
 //! `protected_pool::Error` as an HTTP response (feature `axum`), from real failures: a SQLite
 //! file another connection holds locked (unavailable, refused by the breaker, timed out), a
-//! saturated pool, a closed pool, bad SQL and bad configuration; on a real PostgreSQL server, a
-//! row lock not available (`NOWAIT`) and a wrong password. Each response is checked for its
-//! status, its `Retry-After`, its body, and that the body leaks neither SQL nor secrets.
+//! saturated pool, a closed pool, bad SQL, bad configuration and a timeout an async fallback
+//! failed to stand in for; on a real PostgreSQL server, a row lock not available (`NOWAIT`)
+//! and a wrong password. Each response is checked for its status, its `Retry-After`, its
+//! body, and that the body leaks neither SQL nor secrets.
 
 use std::path::Path;
 use std::time::Duration;
@@ -185,6 +186,42 @@ async fn a_database_that_does_not_answer_in_time_is_504() {
         received.json["outcome_unknown"].as_bool().unwrap_or(false),
         outcome_unknown,
         "{received:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_async_fallback_changes_nothing_in_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slow.db");
+    let _locker = locked_file(&path).await;
+    let pool = ProtectedPool::sqlite()
+        .primary_with(ENDPOINT, sqlite_options(&path, Duration::from_secs(10)))
+        .timeout(Route::Write, Duration::from_millis(200))
+        .build()
+        .expect("valid configuration");
+
+    // The call timed out: no time is left, yet a fallback that fails at once is still run.
+    let error = pool
+        .write(sqlx::query(
+            "INSERT INTO users (id, email) VALUES (2, 'x@y')",
+        ))
+        .or_fallback_async(|_| async {
+            Err::<Option<sqlx::sqlite::SqliteQueryResult>, _>(std::io::Error::other(
+                "backup-host.internal refused",
+            ))
+        })
+        .execute()
+        .await
+        .unwrap_err();
+    assert!(error.fallback_error().is_some(), "{error}");
+    assert_eq!(error.class(), Some(ErrorClass::Timeout), "{error}");
+    let received = respond(error).await;
+    // Answered by the call's own error, the fallback's not shown.
+    assert_answer(
+        &received,
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        &["INSERT", "slow.db", "backup-host", "fallback"],
     );
 }
 

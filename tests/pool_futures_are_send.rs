@@ -29,6 +29,24 @@ async fn pool_futures_are_send_and_spawnable() {
         }),
         tokio::spawn({
             let pool = pool.clone();
+            // An async fallback, here one that awaits and then declines: the call's error.
+            let backup = pool.clone();
+            async move {
+                assert_send(
+                    pool.read(sqlx::query_scalar::<_, i64>("SELECT 1"))
+                        .or_fallback_async(move |_request| async move {
+                            tokio::task::yield_now().await;
+                            drop(backup);
+                            Ok::<_, std::io::Error>(None)
+                        })
+                        .fetch_one(),
+                )
+                .await
+                .map(drop)
+            }
+        }),
+        tokio::spawn({
+            let pool = pool.clone();
             async move {
                 let query = sqlx::query_as::<_, (i64, String)>("SELECT 1, 'a'").bind(7_i64);
                 assert_send(pool.auth(query).fetch_optional())
@@ -184,6 +202,15 @@ fn call_futures_stay_small() {
         (
             "write",
             size_of_val(&pool.write(sqlx::query("SELECT 1")).execute()),
+        ),
+        (
+            "read with an async fallback",
+            size_of_val(
+                &pool
+                    .read(query())
+                    .or_fallback_async(|_| async { Ok::<_, std::io::Error>(Some(0_i64)) })
+                    .fetch_one(),
+            ),
         ),
     ];
     for (call, size) in sizes {

@@ -13,7 +13,7 @@ use super::operation::Erased;
 use super::statement::{FetchFn, QueryFuture, Statement};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::fallback::{BoxedFallback, Served};
+use crate::fallback::{OwnFallback, Served};
 use crate::route::Route;
 
 /// A query reduced to "run me on this connection", with the builder's type erased: the future
@@ -42,7 +42,7 @@ pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
     statement: Result<Statement<DB>, sqlx::Error>,
     fetch: FetchFn<DB, T>,
     cache: Option<CacheRequest<T>>,
-    fallback: Option<BoxedFallback<T>>,
+    fallback: Option<OwnFallback<T>>,
 ) -> impl Future<Output = Result<Served<T>>> + Send + 'p {
     let unnamed = pool.inner.unnamed_statements;
     let prepared = statement

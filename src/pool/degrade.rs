@@ -15,7 +15,10 @@ use super::attempt::Done;
 use crate::backend::Backend;
 use crate::cache::CachedValue;
 use crate::error::{Error, Result};
-use crate::fallback::{BoxedFallback, FallbackContext, Served, Source};
+use crate::fallback::{
+    AsyncOutcome, FallbackContext, FallbackFailure, FallbackRequest, OwnFallback, RouteFallback,
+    Served, Source, run_bounded,
+};
 use crate::route::Route;
 use crate::telemetry;
 
@@ -59,7 +62,7 @@ pub(crate) struct Plan<'a, T> {
     pub(crate) route: Route,
     pub(crate) sql: Option<&'a str>,
     pub(crate) cache: Option<CacheRequest<T>>,
-    pub(crate) fallback: Option<BoxedFallback<T>>,
+    pub(crate) fallback: Option<OwnFallback<T>>,
 }
 
 impl<T> Plan<'_, T> {
@@ -92,6 +95,11 @@ impl<DB: Backend> PoolInner<DB> {
             error.class = Empty,
         );
         let served = async {
+            // An async fallback gets what is left of the route's timeout from here, where the
+            // endpoints' loop starts; only then is the clock read.
+            let started = (plan.fallback.as_ref().is_some_and(OwnFallback::is_async)
+                || self.fallbacks.any_async(plan.route))
+            .then(tokio::time::Instant::now);
             match call.await {
                 Ok(Done { value, endpoint }) => {
                     if let Some(request) = &plan.cache {
@@ -102,7 +110,7 @@ impl<DB: Backend> PoolInner<DB> {
                     }
                     Ok(Served::new(value, Source::Database { endpoint }))
                 }
-                Err(error) if error.is_unavailable() => self.fall_back(plan, error).await,
+                Err(error) if error.is_unavailable() => self.fall_back(plan, error, started).await,
                 Err(error) => Err(error),
             }
         }
@@ -138,8 +146,14 @@ impl<DB: Backend> PoolInner<DB> {
     }
 
     /// No endpoint could serve: the cache, the call's fallback, the route's fallback, in that
-    /// order; else the error.
-    async fn fall_back<T: 'static>(&self, plan: Plan<'_, T>, error: Error) -> Result<Served<T>> {
+    /// order; else the error, with the failure of an async fallback attached if one failed.
+    /// `started`: when the call started, if it has an async fallback.
+    async fn fall_back<T: 'static>(
+        &self,
+        plan: Plan<'_, T>,
+        error: Error,
+        started: Option<tokio::time::Instant>,
+    ) -> Result<Served<T>> {
         let route = plan.route;
         if let Some(request) = &plan.cache
             && let Some((value, age)) = self.lookup(route, request).await
@@ -148,18 +162,14 @@ impl<DB: Backend> PoolInner<DB> {
             tracing::debug!(key = %request.key, ?age, %error, "served from the cache");
             return Ok(Served::new(value, Source::Cache { age, cause: error }));
         }
-        let value = {
-            let context = FallbackContext {
-                route,
-                error: &error,
-                sql: plan.sql,
-                key: plan.cache.as_ref().map(CacheRequest::own_key),
-            };
-            match plan.fallback {
-                Some(fallback) => fallback(&context),
-                None => None,
-            }
-            .or_else(|| self.fallbacks.run(&context))
+        // Sync fallbacks run at once; when one may be async, they all run on a boxed future,
+        // kept out of every call's future (which is moved several times per call).
+        let (value, failure) = if plan.fallback.as_ref().is_some_and(OwnFallback::is_async)
+            || self.fallbacks.any_async(route)
+        {
+            Box::pin(self.run_fallbacks(plan, &error, started)).await
+        } else {
+            (self.run_sync_fallbacks(plan, &error), None)
         };
         match value {
             Some(value) => {
@@ -167,7 +177,112 @@ impl<DB: Backend> PoolInner<DB> {
                 tracing::debug!(%error, "served by a fallback");
                 Ok(Served::new(value, Source::Fallback { cause: error }))
             }
-            None => Err(error),
+            None => Err(match failure {
+                Some(fallback) => Error::FallbackFailed {
+                    cause: Box::new(error),
+                    fallback,
+                },
+                None => error,
+            }),
+        }
+    }
+
+    /// The call's fallback, then the route's, when neither is async.
+    fn run_sync_fallbacks<T: 'static>(&self, plan: Plan<'_, T>, error: &Error) -> Option<T> {
+        let Plan {
+            route,
+            sql,
+            cache,
+            fallback,
+        } = plan;
+        let context = FallbackContext {
+            route,
+            error,
+            sql,
+            key: cache.as_ref().map(CacheRequest::own_key),
+        };
+        match fallback {
+            Some(OwnFallback::Sync(fallback)) => fallback(&context),
+            // An async one is run by `run_fallbacks`.
+            Some(OwnFallback::Async(_)) | None => None,
+        }
+        .or_else(|| match self.fallbacks.get::<T>(route) {
+            Some(RouteFallback::Sync(fallback)) => fallback(&context),
+            Some(RouteFallback::Async(_)) | None => None,
+        })
+    }
+
+    /// The call's fallback, then the route's, either of them async: the value, and the first
+    /// failure of an async one. Each async one has until the route's timeout from `started`.
+    async fn run_fallbacks<T: 'static>(
+        &self,
+        plan: Plan<'_, T>,
+        error: &Error,
+        started: Option<tokio::time::Instant>,
+    ) -> (Option<T>, Option<FallbackFailure>) {
+        let Plan {
+            route,
+            sql,
+            cache,
+            fallback,
+        } = plan;
+        let context = FallbackContext {
+            route,
+            error,
+            sql,
+            key: cache.as_ref().map(CacheRequest::own_key),
+        };
+        let deadline = started.map(|started| started + self.routes[route.index()].timeout);
+        let mut failure = None;
+        let mut value = match fallback {
+            Some(OwnFallback::Sync(fallback)) => fallback(&context),
+            Some(OwnFallback::Async(fallback)) => {
+                self.run_async(&context, deadline, fallback, &mut failure)
+                    .await
+            }
+            None => None,
+        };
+        if value.is_none() {
+            value = match self.fallbacks.get::<T>(route) {
+                Some(RouteFallback::Sync(fallback)) => fallback(&context),
+                Some(RouteFallback::Async(fallback)) => {
+                    self.run_async(&context, deadline, fallback, &mut failure)
+                        .await
+                }
+                None => None,
+            };
+        }
+        (value, failure)
+    }
+
+    /// Runs an async fallback until `deadline`: its value, or `None` when it declined or
+    /// failed. The first failure of the call's fallbacks goes into `failure`.
+    async fn run_async<T>(
+        &self,
+        context: &FallbackContext<'_>,
+        deadline: Option<tokio::time::Instant>,
+        fallback: impl FnOnce(FallbackRequest) -> AsyncOutcome<T>,
+        failure: &mut Option<FallbackFailure>,
+    ) -> Option<T> {
+        let route = context.route;
+        let budget = deadline.map_or(self.routes[route.index()].timeout, |deadline| {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        });
+        let request = FallbackRequest::new(context, budget);
+        match run_bounded(fallback(request), budget).await {
+            Ok(value) => value,
+            Err((error, reason)) => {
+                telemetry::fallback_failed(route, reason);
+                tracing::warn!(
+                    route = route.as_str(),
+                    reason,
+                    fallback.error = %error,
+                    cause = %context.error,
+                    "fallback failed"
+                );
+                failure.get_or_insert(error);
+                None
+            }
         }
     }
 

@@ -38,7 +38,9 @@ pub use keyed::{IdempotencyConfig, Keyed, KeyedWrite, MAX_KEY_LEN, WriteOutcome}
 #[cfg(feature = "outbox")]
 pub use replay::Enqueueing;
 pub use retry::TransactionRetry;
-pub use routed::{Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed};
+pub use routed::{
+    AsyncFallback, Cacheable, CallFallback, Degradable, NoFallback, NotCacheable, Routed,
+};
 pub use statement::RoutableQuery;
 pub use stream::RowStream;
 pub use topology::ClusterEvent;

@@ -22,7 +22,7 @@ use super::statement::{FetchFn, RoutableQuery, execute_on, fetch_one_on};
 use super::stream::RowStream;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::fallback::{BoxedFallback, FallbackContext, Served};
+use crate::fallback::{FallbackContext, FallbackRequest, OwnFallback, Served};
 use crate::route::Route;
 
 /// Marks a call whose results may be cached: a read or an auth call.
@@ -146,6 +146,51 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
         F: FnOnce(&FallbackContext<'_>) -> Option<R> + Send + 'static,
     {
         self.degradable().or_fallback(fallback)
+    }
+
+    /// Like [`or_fallback`](Self::or_fallback), with a fallback that can await: another
+    /// database, a Redis, an HTTP service. It is given an owned [`FallbackRequest`] (the route,
+    /// the SQL, the cache key, the cause and how long it has) and runs when no endpoint can
+    /// serve the call, after the cache and before the route's fallback.
+    ///
+    /// It has what is left of the route's operation timeout, counted from the start of the
+    /// call ([`FallbackRequest::budget`]), with no minimum; when that runs out it is dropped.
+    /// A call refused by an open breaker fails fast and leaves it nearly the whole timeout; a
+    /// call that timed out on its endpoints leaves it nothing, and only a fallback that
+    /// answers without waiting serves then. `Ok(None)` declines, like `None` from a
+    /// sync fallback. If it fails (its `Err`, running out of time, a panic), the route's
+    /// fallback is still tried, and if nothing serves, the call returns its own error with the
+    /// failure attached: [`Error::fallback_error`] (the error's other accessors answer for the
+    /// call, as without a fallback). Failures are counted in
+    /// `protected_pool_fallback_failures_total` and logged at level warn.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool, backup: protected_pool::ProtectedPool)
+    /// # -> protected_pool::Result<()> {
+    /// // While the main database is away, names come from a backup copy of it.
+    /// let name = pool
+    ///     .read(sqlx::query_scalar::<_, String>("SELECT name FROM users WHERE id = $1").bind(42_i64))
+    ///     .or_fallback_async(move |_request| async move {
+    ///         backup
+    ///             .read(sqlx::query_scalar::<_, String>("SELECT name FROM users WHERE id = $1").bind(42_i64))
+    ///             .fetch_optional()
+    ///             .await
+    ///     })
+    ///     .fetch_one()
+    ///     .await?;
+    /// println!("{}", *name);
+    /// # Ok(()) }
+    /// ```
+    pub fn or_fallback_async<F, Fut, R, E>(
+        self,
+        fallback: F,
+    ) -> Degradable<'p, DB, Q, AsyncFallback<F>, C>
+    where
+        F: FnOnce(FallbackRequest) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<R>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.degradable().or_fallback_async(fallback)
     }
 
     fn degradable(self) -> Degradable<'p, DB, Q, NoFallback, C> {
@@ -314,22 +359,34 @@ fn whole(route: Route, error: sqlx::Error) -> Error {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoFallback;
 
+/// A call's own async fallback (see [`Routed::or_fallback_async`]): the closure, kept apart
+/// from a sync one by its type.
+pub struct AsyncFallback<F>(F);
+
+impl<F> fmt::Debug for AsyncFallback<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncFallback").finish_non_exhaustive()
+    }
+}
+
 /// A call's own fallback for a result of type `T`: a closure
-/// `FnOnce(&FallbackContext) -> Option<T>`, or [`NoFallback`]. Sealed.
+/// `FnOnce(&FallbackContext) -> Option<T>`, an [`AsyncFallback`] or [`NoFallback`]. Sealed.
 pub trait CallFallback<T>: sealed::IntoBoxed<T> + Send {}
 
 impl<T, F: sealed::IntoBoxed<T> + Send> CallFallback<T> for F {}
 
 mod sealed {
-    use crate::fallback::{BoxedFallback, FallbackContext};
+    use std::future::Future;
+
+    use crate::fallback::{FallbackContext, FallbackRequest, OwnFallback, box_future};
 
     /// The fallback, boxed; `None` for none.
     pub trait IntoBoxed<T> {
-        fn into_boxed(self) -> Option<BoxedFallback<T>>;
+        fn into_boxed(self) -> Option<OwnFallback<T>>;
     }
 
     impl<T> IntoBoxed<T> for super::NoFallback {
-        fn into_boxed(self) -> Option<BoxedFallback<T>> {
+        fn into_boxed(self) -> Option<OwnFallback<T>> {
             None
         }
     }
@@ -338,8 +395,22 @@ mod sealed {
     where
         F: FnOnce(&FallbackContext<'_>) -> Option<T> + Send + 'static,
     {
-        fn into_boxed(self) -> Option<BoxedFallback<T>> {
-            Some(Box::new(self))
+        fn into_boxed(self) -> Option<OwnFallback<T>> {
+            Some(OwnFallback::Sync(Box::new(self)))
+        }
+    }
+
+    impl<T, F, Fut, E> IntoBoxed<T> for super::AsyncFallback<F>
+    where
+        F: FnOnce(FallbackRequest) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<T>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        fn into_boxed(self) -> Option<OwnFallback<T>> {
+            let fallback = self.0;
+            Some(OwnFallback::Async(Box::new(move |request| {
+                box_future(fallback(request))
+            })))
         }
     }
 }
@@ -408,6 +479,41 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
         }
     }
 
+    /// See [`Routed::or_fallback_async`]; replaces an earlier fallback of this call.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let count = pool
+    ///     .read(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders"))
+    ///     .cached("orders:count", Duration::from_secs(60))
+    ///     .or_fallback_async(|request| async move {
+    ///         // Nothing cached either: an estimate from elsewhere, within the time left.
+    ///         tokio::time::sleep(request.budget / 10).await;
+    ///         Ok::<_, std::io::Error>(Some(0_i64))
+    ///     })
+    ///     .fetch_one()
+    ///     .await?;
+    /// println!("{}", *count);
+    /// # Ok(()) }
+    /// ```
+    pub fn or_fallback_async<G, Fut, R, E>(
+        self,
+        fallback: G,
+    ) -> Degradable<'p, DB, Q, AsyncFallback<G>, C>
+    where
+        G: FnOnce(FallbackRequest) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<R>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        Degradable {
+            routed: self.routed,
+            cache: self.cache,
+            fallback: AsyncFallback(fallback),
+        }
+    }
+
     /// Exactly one row; no row is an error of class `Query` (and no fallback runs for it).
     pub fn fetch_one(mut self) -> impl Future<Output = Result<Served<Q::Output>>> + Send + 'p
     where
@@ -461,7 +567,7 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
             pool, route, query, ..
         } = self.routed;
         let replay = replay_for(route, replayable);
-        let fallback: Option<BoxedFallback<T>> = sealed::IntoBoxed::into_boxed(self.fallback);
+        let fallback: Option<OwnFallback<T>> = sealed::IntoBoxed::into_boxed(self.fallback);
         run_statement(
             pool,
             route,

@@ -28,7 +28,7 @@ use crate::endpoint::{
     EndpointOptions,
 };
 use crate::error::Result;
-use crate::fallback::{FallbackContext, RouteFallbacks};
+use crate::fallback::{FallbackContext, FallbackRequest, RouteFallbacks, box_async};
 use crate::problem::ConfigProblem;
 use crate::role::Role;
 use crate::route::{Route, RouteConfig};
@@ -430,7 +430,8 @@ impl<DB: Backend> PoolBuilder<DB> {
 
     /// A fallback for every call of `route` whose result is a `T`, run when no endpoint can
     /// serve the call, after the cache and the call's own fallback; `None` from it means no
-    /// fallback. One per route and result type: a second replaces the first.
+    /// fallback. One per route and result type: a second replaces the first, and so does an
+    /// async one ([`fallback_async`](Self::fallback_async)) for the same route and type.
     ///
     /// ```
     /// use protected_pool::{ProtectedPool, Route};
@@ -474,6 +475,55 @@ impl<DB: Backend> PoolBuilder<DB> {
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn outbox(mut self, config: crate::outbox::OutboxConfig) -> Self {
         self.outbox = Some(config);
+        self
+    }
+
+    /// Like [`fallback`](Self::fallback), with a fallback that can await: another database, a
+    /// Redis, an HTTP service. It is given an owned [`FallbackRequest`] and runs for every
+    /// call of `route` whose result is a `T`, when no endpoint can serve it, after the cache
+    /// and the call's own fallback. `Ok(None)` declines.
+    ///
+    /// One fallback per route and result type, sync or async: this replaces a sync fallback
+    /// registered for the same route and `T`, and [`fallback`](Self::fallback) replaces this
+    /// one.
+    ///
+    /// It has what is left of the route's operation timeout, counted from the start of the
+    /// call ([`FallbackRequest::budget`]), and is dropped when that runs out. If it fails
+    /// (its `Err`, running out of time, a panic), the call returns its own error with the
+    /// failure attached ([`Error::fallback_error`](crate::Error::fallback_error)); failures
+    /// are counted in `protected_pool_fallback_failures_total` and logged at level warn.
+    ///
+    /// ```no_run
+    /// use protected_pool::{ProtectedPool, Route};
+    ///
+    /// # async fn demo() -> protected_pool::Result<()> {
+    /// let backup = ProtectedPool::<sqlx::Postgres>::builder()
+    ///     .primary("postgres://app@backup-db/app")
+    ///     .build()?;
+    /// let pool = ProtectedPool::<sqlx::Postgres>::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     // Reads that return one string are asked of the backup while the database is away.
+    ///     .fallback_async(Route::Read, move |request| {
+    ///         let backup = backup.clone();
+    ///         async move {
+    ///             let Some(sql) = request.sql else { return Ok(None) };
+    ///             backup
+    ///                 .read(sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)))
+    ///                 .fetch_optional()
+    ///                 .await
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fallback_async<T, F, Fut, E>(mut self, route: Route, fallback: F) -> Self
+    where
+        T: Send + 'static,
+        F: Fn(FallbackRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.fallbacks.add_async(route, box_async(fallback));
         self
     }
 
