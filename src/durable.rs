@@ -52,6 +52,7 @@ pub enum ValueKind {
 
 impl Value {
     /// The size of the value as stored, roughly: what the outbox's byte bound counts.
+    #[cfg(feature = "outbox")]
     pub(crate) fn stored_len(&self) -> usize {
         match self {
             Self::Text(text) => text.len(),
@@ -147,6 +148,7 @@ impl DurableWrite {
     }
 
     /// Rebuilds a stored write.
+    #[cfg(feature = "outbox")]
     pub(crate) fn from_parts(sql: String, values: Vec<Value>) -> Self {
         Self { sql, values }
     }
@@ -169,6 +171,7 @@ impl DurableWrite {
     }
 
     /// About how many bytes it takes in the outbox.
+    #[cfg(feature = "outbox")]
     pub(crate) fn stored_len(&self) -> usize {
         self.sql.len()
             + self

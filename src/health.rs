@@ -104,17 +104,19 @@ impl HealthReport {
         split_brain: Vec<Arc<str>>,
         #[cfg(feature = "outbox")] outbox: Option<crate::outbox::OutboxHealth>,
     ) -> Self {
-        let mut status = if split_brain.is_empty() {
+        let status = if split_brain.is_empty() {
             verdict(&endpoints)
         } else {
             HealthStatus::Unhealthy
         };
         #[cfg(feature = "outbox")]
-        if status == HealthStatus::Healthy
+        let status = if status == HealthStatus::Healthy
             && outbox.is_some_and(|outbox| outbox.depth > 0 || outbox.dead_letters > 0)
         {
-            status = HealthStatus::Degraded;
-        }
+            HealthStatus::Degraded
+        } else {
+            status
+        };
         Self {
             status,
             uptime,

@@ -502,12 +502,14 @@ impl<DB: Backend> PoolInner<DB> {
 }
 
 /// For a keyed write that is a [`DurableWrite`]: its key and the write, for the outbox.
+#[cfg(feature = "outbox")]
 pub(crate) struct Parts<DB: Backend> {
     pub(crate) key: String,
     pub(crate) statement: Statement<DB>,
     pub(crate) durable: DurableWrite,
 }
 
+#[cfg(feature = "outbox")]
 impl<'p, DB: Backend> Keyed<'p, DB, DurableWrite> {
     /// The pool, key and write, checked.
     pub(crate) fn into_durable(self) -> (&'p ProtectedPool<DB>, Result<Parts<DB>>) {
