@@ -17,7 +17,7 @@
 //!   writes after it go on. Nothing is dropped: a dead letter stays until retried or
 //!   discarded.
 //! - The queue is bounded by count and bytes; past the bound, `or_enqueue` fails with
-//!   [`Error::OutboxFull`](crate::Error::OutboxFull) and the write is neither applied nor
+//!   [`Error::OutboxFull`] and the write is neither applied nor
 //!   queued.
 //!
 //! What it does not: order a queued write against writes made without the outbox; apply a
