@@ -5,6 +5,7 @@
 //! itself; a [`DurableWrite`] holds them as plain [`Value`]s, encoded when the statement runs.
 
 use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sqlx::{Arguments, Database, Encode, SqlSafeStr, SqlStr, Type};
@@ -201,6 +202,14 @@ impl Value {
             Self::Bytes(_) => ValueKind::Bytes,
         }
     }
+}
+
+/// Milliseconds since the Unix epoch: how keys and queued writes are timestamped.
+pub(crate) fn now_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Encodes `values` as `DB`'s arguments.

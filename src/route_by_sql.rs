@@ -56,7 +56,6 @@ use sqlparser::ast::{
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 
-use crate::backend::Backend;
 use crate::route::Route;
 
 /// The SQL dialect a statement is read in: its database's.
@@ -471,22 +470,6 @@ pub fn route_of_sql(sql: &str, dialect: SqlDialect) -> Route {
         Route::Read
     } else {
         Route::Write
-    }
-}
-
-impl Route {
-    /// The route of `sql` for the database `DB`, by [`route_of_sql`] in `DB`'s dialect:
-    /// [`Route::Read`] only when the statement is provably read-only.
-    ///
-    /// ```
-    /// use protected_pool::{Route, Sqlite};
-    ///
-    /// assert_eq!(Route::of_sql::<Sqlite>("SELECT name FROM users"), Route::Read);
-    /// assert_eq!(Route::of_sql::<Sqlite>("INSERT OR REPLACE INTO users VALUES (1)"), Route::Write);
-    /// ```
-    #[cfg_attr(docsrs, doc(cfg(feature = "route-by-sql")))]
-    pub fn of_sql<DB: Backend>(sql: &str) -> Route {
-        route_of_sql(sql, DB::SQL_DIALECT)
     }
 }
 

@@ -261,7 +261,7 @@ impl Outbox {
     pub fn health(&self) -> OutboxHealth {
         let oldest = self.oldest_ms.load(Ordering::Relaxed);
         let oldest_age = (oldest != 0)
-            .then(|| Duration::from_millis(crate::pool::now_ms().saturating_sub(oldest)));
+            .then(|| Duration::from_millis(crate::durable::now_ms().saturating_sub(oldest)));
         OutboxHealth {
             depth: self.depth(),
             bytes: self.bytes.load(Ordering::Relaxed),
@@ -455,5 +455,5 @@ impl Outbox {
 }
 
 fn now_ms_i64() -> i64 {
-    i64::try_from(crate::pool::now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(crate::durable::now_ms()).unwrap_or(i64::MAX)
 }

@@ -10,6 +10,8 @@ use crate::backend::Backend;
 use crate::route::Route;
 use crate::route_by_sql::route_of_sql;
 
+impl<DB: Backend, Q> super::statement::sealed::Sealed for BySql<DB, Q> {}
+
 /// A query handed to [`ProtectedPool::query`](crate::ProtectedPool::query): `Q` taken apart
 /// into its SQL and encoded arguments, its route read from the SQL. It runs as `Q` would,
 /// with `Q`'s rows.
@@ -71,5 +73,21 @@ impl<DB: Backend, Q: RoutableQuery<DB>> RoutableQuery<DB> for BySql<DB, Q> {
         connection: &'c mut DB::Connection,
     ) -> QueryFuture<'c, Vec<Self::Output>> {
         Q::fetch_all_on(statement, connection)
+    }
+}
+
+impl Route {
+    /// The route of `sql` for the database `DB`, by [`route_of_sql`](crate::route_by_sql::route_of_sql) in `DB`'s dialect:
+    /// [`Route::Read`] only when the statement is provably read-only.
+    ///
+    /// ```
+    /// use protected_pool::{Route, Sqlite};
+    ///
+    /// assert_eq!(Route::of_sql::<Sqlite>("SELECT name FROM users"), Route::Read);
+    /// assert_eq!(Route::of_sql::<Sqlite>("INSERT OR REPLACE INTO users VALUES (1)"), Route::Write);
+    /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "route-by-sql")))]
+    pub fn of_sql<DB: Backend>(sql: &str) -> Route {
+        route_of_sql(sql, DB::SQL_DIALECT)
     }
 }

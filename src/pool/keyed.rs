@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, IntoArguments, SqlSafeStr, SqlStr};
@@ -22,7 +22,7 @@ use super::statement::{QueryFuture, Statement, execute_on};
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::classify::ErrorClass;
-use crate::durable::{DurableWrite, Value};
+use crate::durable::{DurableWrite, Value, now_ms};
 use crate::error::{Error, Result};
 use crate::fallback::Served;
 use crate::problem::ConfigProblem;
@@ -174,13 +174,6 @@ impl Keys {
     pub(crate) fn migration(&self) -> &[String] {
         &self.create
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Checks a key before anything is sent.

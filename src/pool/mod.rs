@@ -33,8 +33,6 @@ pub use by_sql::BySql;
 pub use connection::{ProtectedConnection, ProtectedTransaction};
 pub use events::PoolStateChange;
 pub use executor::OnRoute;
-#[cfg(feature = "outbox")]
-pub(crate) use keyed::now_ms;
 pub use keyed::{IdempotencyConfig, Keyed, KeyedWrite, MAX_KEY_LEN, WriteOutcome};
 #[cfg(feature = "outbox")]
 pub use replay::Enqueueing;

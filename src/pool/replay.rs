@@ -7,13 +7,14 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::failover::Replay;
-use super::keyed::{Keyed, Keys, WriteOutcome, claim, now_ms};
+use super::keyed::{Keyed, Keys, WriteOutcome, claim};
 use super::operation::Operation;
 use super::statement::{QueryFuture, Statement, execute_on};
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::classify::ErrorClass;
 use crate::durable::DurableWrite;
+use crate::durable::now_ms;
 use crate::error::{Error, Result};
 use crate::fallback::{Served, Source};
 use crate::outbox::{Outbox, QueuedWrite, Settled};

@@ -115,15 +115,13 @@ pub trait RoutableQuery<DB: Backend>: sealed::Sealed + Send + Sized {
     ) -> QueryFuture<'c, Vec<Self::Output>>;
 }
 
-mod sealed {
+pub(super) mod sealed {
     use sqlx::query::{Query, QueryAs, QueryScalar};
 
     pub trait Sealed {}
     impl<DB: sqlx::Database, A> Sealed for Query<'_, DB, A> {}
     impl<DB: sqlx::Database, O, A> Sealed for QueryAs<'_, DB, O, A> {}
     impl<DB: sqlx::Database, O, A> Sealed for QueryScalar<'_, DB, O, A> {}
-    #[cfg(feature = "route-by-sql")]
-    impl<DB: crate::backend::Backend, Q> Sealed for super::super::by_sql::BySql<DB, Q> {}
 }
 
 impl<'q, DB, A> RoutableQuery<DB> for Query<'q, DB, A>
