@@ -48,6 +48,12 @@ pub struct PoolConfig {
     pub breakers: PerRoute<BreakerSettings>,
     /// The cache fallback.
     pub cache: CacheConfig,
+    /// Where keyed writes record their keys.
+    pub idempotency: crate::IdempotencyConfig,
+    /// The outbox of keyed writes, if any.
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
+    pub outbox: Option<crate::outbox::OutboxConfig>,
 }
 
 impl Default for PoolConfig {
@@ -65,6 +71,9 @@ impl Default for PoolConfig {
             timeouts: PerRoute::default(),
             breakers: PerRoute::default(),
             cache: CacheConfig::default(),
+            idempotency: crate::IdempotencyConfig::default(),
+            #[cfg(feature = "outbox")]
+            outbox: None,
         }
     }
 }

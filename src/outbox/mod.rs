@@ -44,17 +44,45 @@ use crate::telemetry;
 use store::Counts;
 
 /// Where the outbox keeps its file, and how much it may hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// In the configuration file (only `path` is required):
+///
+/// ```toml
+/// [outbox]
+/// path = "/var/lib/app/outbox.sqlite"
+/// max_writes = 100000
+/// max_bytes = 67108864
+/// batch = 200
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct OutboxConfig {
     /// The SQLite file; created, with its directory, if missing.
     pub path: PathBuf,
     /// The most writes it holds. Default 100,000.
+    #[serde(default = "defaults::max_writes")]
     pub max_writes: u64,
     /// The most bytes of SQL, arguments and keys it holds. Default 64 MiB.
+    #[serde(default = "defaults::max_bytes")]
     pub max_bytes: u64,
     /// How many writes the replayer applies in one transaction. Default 200.
+    #[serde(default = "defaults::batch")]
     pub batch: usize,
+}
+
+mod defaults {
+    pub(super) fn max_writes() -> u64 {
+        100_000
+    }
+
+    pub(super) fn max_bytes() -> u64 {
+        64 << 20
+    }
+
+    pub(super) fn batch() -> usize {
+        200
+    }
 }
 
 impl OutboxConfig {
@@ -62,9 +90,9 @@ impl OutboxConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            max_writes: 100_000,
-            max_bytes: 64 << 20,
-            batch: 200,
+            max_writes: defaults::max_writes(),
+            max_bytes: defaults::max_bytes(),
+            batch: defaults::batch(),
         }
     }
 

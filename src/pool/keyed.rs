@@ -38,7 +38,16 @@ pub const MAX_KEY_LEN: usize = 200;
 ///
 /// The table is created (`CREATE TABLE IF NOT EXISTS`) on the primary before the first keyed
 /// write; [`ProtectedPool::idempotency_migration`] gives its SQL for schema tools.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// In the configuration file:
+///
+/// ```toml
+/// [idempotency]
+/// table = "app.idempotency_keys"
+/// retention = "30days"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct IdempotencyConfig {
     /// The table: `name` or `schema.name`, letters, digits and `_`.
@@ -46,6 +55,7 @@ pub struct IdempotencyConfig {
     pub table: String,
     /// How long a key is kept after its write. A key swept away no longer stops a repeat:
     /// keep it longer than a write can wait in the outbox plus a restart. Default 7 days.
+    #[serde(with = "humantime_serde")]
     pub retention: Duration,
 }
 

@@ -16,7 +16,12 @@ impl<DB: Backend> PoolBuilder<DB> {
             .max_replica_lag(config.max_replica_lag)
             .health_check_interval(config.health_check_interval)
             .recovery_probes(config.recovery_probes)
-            .cache_timeout(config.cache.timeout);
+            .cache_timeout(config.cache.timeout)
+            .idempotency(config.idempotency.clone());
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &config.outbox {
+            builder = builder.outbox(outbox.clone());
+        }
         for route in Route::ALL {
             builder = builder.route(route, config.route(route));
         }
