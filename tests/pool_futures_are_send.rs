@@ -156,6 +156,23 @@ async fn pool_futures_are_send_and_spawnable() {
             .expect_err("nothing listens there");
         assert_eq!(error.class(), Some(ErrorClass::Connection), "{error}");
     }
+    // A keyed write tries again until the write route gives up (its breaker opens).
+    let keyed = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            assert_send(
+                pool.write(sqlx::query("DELETE FROM t WHERE id = $1").bind(1_i64))
+                    .idempotent("delete:1")
+                    .execute(),
+            )
+            .await
+        }
+    });
+    let error = keyed
+        .await
+        .expect("task ran")
+        .expect_err("nothing listens there");
+    assert!(error.is_unavailable(), "{error}");
 
     let sqlite = ProtectedPool::sqlite()
         .primary("sqlite::memory:")

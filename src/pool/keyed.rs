@@ -274,8 +274,8 @@ pub(crate) fn worth_retrying(error: &Error) -> bool {
 }
 
 impl<DB: Backend> PoolInner<DB> {
-    /// Creates the key table if this pool has not yet.
-    pub(crate) async fn create_key_table(&self) -> Result<()> {
+    /// Creates the key table if this pool has not yet, by `deadline`.
+    pub(crate) async fn create_key_table(&self, deadline: tokio::time::Instant) -> Result<()> {
         let keys = &self.keys;
         keys.created
             .get_or_try_init(|| async {
@@ -289,7 +289,7 @@ impl<DB: Backend> PoolInner<DB> {
                         }
                         Ok(())
                     });
-                self.failover(Route::Write, Replay::Never, create)
+                self.failover_until(Route::Write, Replay::Never, create, deadline)
                     .await
                     .map(|_| ())
             })
@@ -304,8 +304,7 @@ impl<DB: Backend> PoolInner<DB> {
         key: &str,
         statement: &Statement<DB>,
     ) -> Result<Done<WriteOutcome>> {
-        let deadline = tokio::time::Instant::now() + self.routes[Route::Write.index()].timeout;
-        self.create_key_table().await?;
+        let deadline = self.write_deadline();
         let mut pause = Duration::from_millis(20);
         loop {
             let operation = KeyedOperation {
@@ -314,10 +313,14 @@ impl<DB: Backend> PoolInner<DB> {
                 statement,
                 persistent: !self.unnamed_statements,
             };
-            let error = match self
-                .failover_until(Route::Write, Replay::AfterRefusal, operation, deadline)
-                .await
-            {
+            let tried = match self.create_key_table(deadline).await {
+                Ok(()) => {
+                    self.failover_until(Route::Write, Replay::AfterRefusal, operation, deadline)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            let error = match tried {
                 Ok(done) => {
                     self.sweep_keys_if_due();
                     return Ok(done);
@@ -332,6 +335,11 @@ impl<DB: Backend> PoolInner<DB> {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
+    }
+
+    /// When a write call starting now must be done.
+    pub(crate) fn write_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.routes[Route::Write.index()].timeout
     }
 
     /// Deletes keys older than the retention, at most every tenth of it (between a second and
@@ -545,6 +553,7 @@ impl<DB: Backend> ProtectedPool<DB> {
 
     /// Creates the key table now rather than before the first keyed write.
     pub async fn create_idempotency_table(&self) -> Result<()> {
-        self.inner.create_key_table().await
+        let inner = &self.inner;
+        inner.create_key_table(inner.write_deadline()).await
     }
 }

@@ -207,7 +207,7 @@ impl<DB: Backend> PoolInner<DB> {
 
     /// Applies one batch; what became of each write, in order.
     async fn apply(&self, batch: &[QueuedWrite]) -> Result<Vec<Settled>> {
-        self.create_key_table().await?;
+        self.create_key_table(self.write_deadline()).await?;
         let writes: Vec<Prepared<DB>> = batch
             .iter()
             .map(|queued| {
