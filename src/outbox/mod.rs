@@ -316,18 +316,24 @@ impl Outbox {
         Ok(deleted)
     }
 
-    /// Waits until the queue is empty, at most `timeout`; whether it is.
+    /// Waits until the queue is empty, at most `timeout`; whether it is. `false` if the file
+    /// cannot be opened.
     pub async fn wait_until_empty(&self, timeout: Duration) -> bool {
         let wait = async {
+            // Until the file is open the depth is not known (0): a pool built on a file still
+            // holding writes from before a restart would look empty.
+            if self.store().await.is_err() {
+                return false;
+            }
             loop {
                 let drained = self.drained.notified();
                 if self.depth() == 0 {
-                    return;
+                    return true;
                 }
                 drained.await;
             }
         };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
     /// Queues `write` under `key`.
