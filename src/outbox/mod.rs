@@ -389,7 +389,6 @@ impl Outbox {
         dead_ids: &[i64],
         counts: Counts,
     ) {
-        self.publish(counts);
         let mut dead_ids = dead_ids.iter();
         for (write, settled) in batch.iter().zip(settled) {
             match settled {
@@ -420,6 +419,9 @@ impl Outbox {
                 }
             }
         }
+        // The new depth last: whoever sees it (`depth()`, `wait_until_empty`) sees the
+        // batch's counts and has had its events.
+        self.publish(counts);
         if counts.depth == 0 {
             self.emit(&OutboxEvent::Drained);
         }
