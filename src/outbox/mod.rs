@@ -344,18 +344,24 @@ impl Outbox {
         Ok(deleted)
     }
 
-    /// Waits until the queue is empty, at most `timeout`; whether it is.
+    /// Waits until the queue is empty, at most `timeout`; whether it is. `false` if the file
+    /// cannot be opened.
     pub async fn wait_until_empty(&self, timeout: Duration) -> bool {
         let wait = async {
+            // Until the file is open the depth is not known (0): a pool built on a file still
+            // holding writes from before a restart would look empty.
+            if self.store().await.is_err() {
+                return false;
+            }
             loop {
                 let drained = self.drained.notified();
                 if self.depth() == 0 {
-                    return;
+                    return true;
                 }
                 drained.await;
             }
         };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
     /// Queues `write` under `key`.
@@ -411,7 +417,6 @@ impl Outbox {
         dead_ids: &[i64],
         counts: Counts,
     ) {
-        self.publish(counts);
         let mut dead_ids = dead_ids.iter();
         for (write, settled) in batch.iter().zip(settled) {
             match settled {
@@ -442,6 +447,9 @@ impl Outbox {
                 }
             }
         }
+        // The new depth last: whoever sees it (`depth()`, `wait_until_empty`) sees the
+        // batch's counts and has had its events.
+        self.publish(counts);
         if counts.depth == 0 {
             self.emit(&OutboxEvent::Drained);
         }
