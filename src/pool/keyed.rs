@@ -180,6 +180,12 @@ impl Keys {
         }
     }
 
+    /// The table's name.
+    #[cfg(feature = "outbox")]
+    pub(crate) fn table(&self) -> &str {
+        &self.config.table
+    }
+
     /// The statements that create the table.
     pub(crate) fn migration(&self) -> &[String] {
         &self.create

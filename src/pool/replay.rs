@@ -14,11 +14,12 @@ use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::classify::ErrorClass;
 use crate::durable::DurableWrite;
-use crate::durable::now_ms;
+use crate::durable::{Value, now_ms};
 use crate::error::{Error, Result};
 use crate::fallback::{Served, Source};
 use crate::outbox::{Outbox, QueuedWrite, Settled};
 use crate::route::Route;
+use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 impl<'p, DB: Backend> Keyed<'p, DB, DurableWrite> {
     /// When the write route cannot take the write (breakers open, no primary, the outcome
@@ -103,8 +104,7 @@ impl<'p, DB: Backend> Enqueueing<'p, DB> {
     }
 }
 
-/// A batch of queued writes as the endpoint loop runs it: one transaction, a savepoint per
-/// write, each write's key claimed with it.
+/// A batch of queued writes as the endpoint loop runs it (see [`apply_batch`]).
 struct Batch<'a, DB: Backend> {
     keys: &'a Keys,
     writes: &'a [Prepared<DB>],
@@ -137,52 +137,119 @@ impl<DB: Backend> Operation<DB::Connection> for Batch<'_, DB> {
     }
 }
 
+/// Applies `writes` in order, in one transaction, each with its key: what became of each
+/// write of a prefix of the batch. That is all of it, or the writes up to the first one the
+/// database refused for a reason of its own (class `Query`): the transaction is rolled back,
+/// the writes before it are applied again without it, and it is reported refused. The writes
+/// after it stay queued for the next batch.
+///
+/// The keys are claimed with one statement for the whole batch. When some were claimed
+/// before (a batch applied before a crash took it off the queue), the transaction is rolled
+/// back and the keys are claimed one by one, so that each write knows whether it ran.
 async fn apply_batch<DB: Backend>(
     keys: &Keys,
     writes: &[Prepared<DB>],
     persistent: bool,
     connection: &mut DB::Connection,
 ) -> Result<Vec<Settled>, sqlx::Error> {
-    let mut transaction = sqlx::Connection::begin(connection).await?;
-    let mut settled = Vec::with_capacity(writes.len());
-    for write in writes {
-        let (key, statement) = match write {
-            Prepared::Ready { key, statement } => (key, statement),
-            Prepared::Broken(why) => {
-                settled.push(Settled::Refused(why.clone()));
-                continue;
+    let mut refused = writes
+        .iter()
+        .position(|write| matches!(write, Prepared::Broken(_)))
+        .map(|at| match &writes[at] {
+            Prepared::Broken(why) => (at, why.clone()),
+            Prepared::Ready { .. } => unreachable!("found broken"),
+        });
+    let mut one_by_one = false;
+    loop {
+        let upto = refused.as_ref().map_or(writes.len(), |(at, _)| *at);
+        let ready: Vec<(&str, &Statement<DB>)> = writes[..upto]
+            .iter()
+            .filter_map(|write| match write {
+                Prepared::Ready { key, statement } => Some((key.as_str(), statement)),
+                Prepared::Broken(_) => None,
+            })
+            .collect();
+        match try_batch::<DB>(keys, &ready, persistent, one_by_one, connection).await? {
+            Tried::Committed(mut settled) => {
+                if let Some((_, why)) = refused {
+                    settled.push(Settled::Refused(why));
+                }
+                return Ok(settled);
             }
-        };
-        sqlx::raw_sql("SAVEPOINT protected_pool_outbox")
-            .execute(DB::executor(&mut transaction))
-            .await?;
-        if !claim::<DB>(keys, key, &mut transaction, persistent).await? {
-            sqlx::raw_sql("RELEASE SAVEPOINT protected_pool_outbox")
-                .execute(DB::executor(&mut transaction))
-                .await?;
+            Tried::KeysSeenBefore => one_by_one = true,
+            Tried::Refused { at, error } => refused = Some((at, error)),
+        }
+    }
+}
+
+/// One try at a batch of writes that are all ready to run.
+enum Tried {
+    /// Committed: what became of each.
+    Committed(Vec<Settled>),
+    /// Rolled back: some keys were claimed before; claim them one by one.
+    KeysSeenBefore,
+    /// Rolled back: the database refused write `at`.
+    Refused { at: usize, error: String },
+}
+
+async fn try_batch<DB: Backend>(
+    keys: &Keys,
+    writes: &[(&str, &Statement<DB>)],
+    persistent: bool,
+    one_by_one: bool,
+    connection: &mut DB::Connection,
+) -> Result<Tried, sqlx::Error> {
+    let mut transaction = sqlx::Connection::begin(connection).await?;
+    if !one_by_one && !writes.is_empty() {
+        let all: Vec<&str> = writes.iter().map(|(key, _)| *key).collect();
+        if claim_all::<DB>(keys, &all, &mut transaction).await? < all.len() as u64 {
+            transaction.rollback().await?;
+            return Ok(Tried::KeysSeenBefore);
+        }
+    }
+    let mut settled = Vec::with_capacity(writes.len() + 1);
+    for (at, (key, statement)) in writes.iter().enumerate() {
+        if one_by_one && !claim::<DB>(keys, key, &mut transaction, persistent).await? {
             settled.push(Settled::AlreadyApplied);
             continue;
         }
         match execute_on(statement, &mut transaction).await {
-            Ok(_) => {
-                sqlx::raw_sql("RELEASE SAVEPOINT protected_pool_outbox")
-                    .execute(DB::executor(&mut transaction))
-                    .await?;
-                settled.push(Settled::Applied);
-            }
+            Ok(_) => settled.push(Settled::Applied),
             Err(error) if DB::classify(&error) == ErrorClass::Query => {
-                sqlx::raw_sql(
-                    "ROLLBACK TO SAVEPOINT protected_pool_outbox; RELEASE SAVEPOINT protected_pool_outbox",
-                )
-                .execute(DB::executor(&mut transaction))
-                .await?;
-                settled.push(Settled::Refused(error.to_string()));
+                transaction.rollback().await?;
+                return Ok(Tried::Refused {
+                    at,
+                    error: error.to_string(),
+                });
             }
             Err(error) => return Err(error),
         }
     }
     transaction.commit().await?;
-    Ok(settled)
+    Ok(Tried::Committed(settled))
+}
+
+/// Claims every key of `keys` with one statement; how many were free.
+async fn claim_all<DB: Backend>(
+    table: &Keys,
+    keys: &[&str],
+    connection: &mut DB::Connection,
+) -> Result<u64, sqlx::Error> {
+    let applied_at = Value::from(i64::try_from(now_ms()).unwrap_or(i64::MAX));
+    let mut values: Vec<Value> = keys.iter().map(|key| Value::from(*key)).collect();
+    values.push(applied_at);
+    let at = values.len();
+    let rows: Vec<String> = (1..at).map(|n| format!("(${n}, ${at})")).collect();
+    let sql = format!(
+        "INSERT INTO {} (key, applied_at) VALUES {} ON CONFLICT (key) DO NOTHING",
+        table.table(),
+        rows.join(", ")
+    );
+    let arguments = DB::durable_arguments(&values)?;
+    // Unnamed: its text changes with the batch's size.
+    let claim = Statement::<DB>::new(AssertSqlSafe(sql).into_sql_str(), arguments).unnamed_if(true);
+    let claimed = execute_on(&claim, connection).await?;
+    Ok(DB::rows_affected(&claimed))
 }
 
 impl<DB: Backend> PoolInner<DB> {
@@ -205,7 +272,19 @@ impl<DB: Backend> PoolInner<DB> {
         *replayer = Some(runtime.spawn(replay(self.me.clone(), outbox.clone())));
     }
 
-    /// Applies one batch; what became of each write, in order.
+    /// Whether every endpoint that could take a write has its write breaker open (or none
+    /// is the primary now): the replayer then waits rather than read a batch to be refused.
+    fn write_route_refuses(&self) -> bool {
+        match self.router.candidates(Route::Write, &self.endpoints) {
+            Ok(candidates) => candidates
+                .iter()
+                .all(|endpoint| endpoint.breaker(Route::Write).state().is_open()),
+            Err(_) => true,
+        }
+    }
+
+    /// Applies one batch; what became of each write of it, in order (a prefix of it when
+    /// the database refused one).
     async fn apply(&self, batch: &[QueuedWrite]) -> Result<Vec<Settled>> {
         self.create_key_table(self.write_deadline()).await?;
         let writes: Vec<Prepared<DB>> = batch
@@ -249,6 +328,15 @@ async fn replay<DB: Backend>(pool: Weak<PoolInner<DB>>, outbox: Arc<Outbox>) {
             if pool.probes.stopped() {
                 return;
             }
+            if pool.write_route_refuses() {
+                // Nothing read from the file while the breakers refuse: a breaker closing
+                // wakes this task.
+                let wait = pause;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+                drop(pool);
+                let _ = tokio::time::timeout(wait, outbox.wake.notified()).await;
+                continue;
+            }
             match replay_one_batch(&pool, &outbox).await {
                 Ok(true) => {
                     pause = FIRST_PAUSE;
@@ -287,12 +375,14 @@ async fn replay_one_batch<DB: Backend>(pool: &PoolInner<DB>, outbox: &Outbox) ->
         return Ok(false);
     }
     let settled = pool.apply(&batch).await?;
+    // A refused write ends what was settled: the writes after it wait for the next batch.
+    let batch = &batch[..settled.len()];
     let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
     let (counts, dead) = store
-        .settle(&batch, &settled, now)
+        .settle(batch, &settled, now)
         .await
         .map_err(|source| outbox.failed("take applied writes off the queue", source))?;
-    outbox.settled(&batch, &settled, &dead, counts);
+    outbox.settled(batch, &settled, &dead, counts);
     Ok(true)
 }
 
