@@ -152,12 +152,13 @@ async fn apply_batch<DB: Backend>(
     persistent: bool,
     connection: &mut DB::Connection,
 ) -> Result<Vec<Settled>, sqlx::Error> {
+    // A write that cannot even be rebuilt is refused where it stands.
     let mut refused = writes
         .iter()
-        .position(|write| matches!(write, Prepared::Broken(_)))
-        .map(|at| match &writes[at] {
-            Prepared::Broken(why) => (at, why.clone()),
-            Prepared::Ready { .. } => unreachable!("found broken"),
+        .enumerate()
+        .find_map(|(at, write)| match write {
+            Prepared::Broken(why) => Some((at, why.clone())),
+            Prepared::Ready { .. } => None,
         });
     let mut one_by_one = false;
     loop {
