@@ -305,10 +305,14 @@ impl<DB: Backend> PoolInner<DB> {
 
     /// A keyed write, tried on the primary of the moment until it is applied, found applied,
     /// fails for good, or the write route's timeout runs out.
+    ///
+    /// `retry` false: one try only, for a write that goes to the outbox when it fails (it
+    /// is to return at once, and the outbox applies it exactly once in any case).
     pub(crate) async fn keyed(
         &self,
         key: &str,
         statement: &Statement<DB>,
+        retry: bool,
     ) -> Result<Done<WriteOutcome>> {
         let deadline = self.write_deadline();
         let mut pause = Duration::from_millis(20);
@@ -333,7 +337,8 @@ impl<DB: Backend> PoolInner<DB> {
                 }
                 Err(error) => error,
             };
-            if !worth_retrying(&error) || tokio::time::Instant::now() + pause >= deadline {
+            if !retry || !worth_retrying(&error) || tokio::time::Instant::now() + pause >= deadline
+            {
                 return Err(error);
             }
             telemetry::keyed_write_retry();
@@ -493,7 +498,7 @@ impl<'p, DB: Backend, Q: KeyedWrite<DB>> Keyed<'p, DB, Q> {
         async move {
             let (statement, _) = parts?;
             pool.inner
-                .keyed_call(&key, statement)
+                .keyed_call(&key, statement, true)
                 .await
                 .map(Served::into_inner)
         }
@@ -506,6 +511,7 @@ impl<DB: Backend> PoolInner<DB> {
         &self,
         key: &str,
         statement: Statement<DB>,
+        retry: bool,
     ) -> Result<Served<WriteOutcome>> {
         let statement = statement.unnamed_if(self.unnamed_statements);
         let sql = statement.sql.clone();
@@ -513,7 +519,7 @@ impl<DB: Backend> PoolInner<DB> {
             sql: Some(sql.as_str()),
             ..Plan::bare(Route::Write)
         };
-        let call = Box::pin(self.keyed(key, &statement));
+        let call = Box::pin(self.keyed(key, &statement, retry));
         self.degrade(plan, call).await
     }
 }

@@ -22,9 +22,9 @@ use crate::route::Route;
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 impl<'p, DB: Backend> Keyed<'p, DB, DurableWrite> {
-    /// When the write route cannot take the write (breakers open, no primary, the outcome
-    /// unknown after the route's timeout), stores it in the pool's outbox and returns at
-    /// once, with a [`Source::Queued`] receipt; the outbox applies it exactly once when the
+    /// Tries the write once; when the write route cannot take it (breakers open, no
+    /// primary, the server unreachable, the outcome unknown), stores it in the pool's outbox
+    /// and returns at once, with a [`Source::Queued`] receipt; the outbox applies it exactly once when the
     /// write route serves again. While earlier writes wait in the outbox, a new one joins
     /// them at the back rather than overtake them. Needs [`PoolBuilder::outbox`](crate::PoolBuilder::outbox).
     ///
@@ -84,7 +84,7 @@ impl<'p, DB: Backend> Enqueueing<'p, DB> {
                 // Earlier writes wait: this one must not overtake them.
                 None
             } else {
-                match inner.keyed_call(&parts.key, parts.statement).await {
+                match inner.keyed_call(&parts.key, parts.statement, false).await {
                     Ok(served) => return Ok(served),
                     Err(error) if belongs_in_outbox(&error) => Some(error),
                     Err(error) => return Err(error),

@@ -665,8 +665,8 @@ async fn drain_part(
          synchronous = FULL). Then the proxy passes again (FaultMode::Pass), and the outbox \
          drains: the replayer waits for the write breaker to close (a recovery probe closes \
          it), then applies batches of OutboxConfig::batch writes, each in one transaction \
-         (a savepoint, the key's INSERT and the statement per write), and takes each batch off \
-         the file. Pool: write breaker with open durations of 500 ms doubling to 2 s (as \
+         (one INSERT claiming the batch's keys, then the statements), and takes each batch \
+         off the file. Pool: write breaker with open durations of 500 ms doubling to 2 s (as \
          examples/failover.rs), health_check_interval {} ms, everything else default. After \
          each drain the table must hold every write exactly once.",
         thousands(plan.queued as u64),
@@ -704,10 +704,8 @@ async fn drain_part(
     println!(
         "\nThe first call tries the primary (refused) before it queues the write; every later \
          one joins the queue without trying, since a write never overtakes those queued \
-         before it. Each queued write wakes the replayer, which reads up to a batch of writes \
-         from the file before the open breaker refuses them: hence the batch size in this \
-         table. \"write breaker opened\": how often, while queueing (recovery probes reopen \
-         it)."
+         before it. The replayer reads nothing from the file while the write breaker is open. \
+         \"write breaker opened\": how often, while queueing (recovery probes reopen it)."
     );
     println!(
         "\n## Draining {} writes after the primary is back (from FaultMode::Pass)\n",
