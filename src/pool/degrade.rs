@@ -85,15 +85,22 @@ impl<DB: Backend> PoolInner<DB> {
         plan: Plan<'_, T>,
         call: impl Future<Output = Result<Done<T>>>,
     ) -> Result<Served<T>> {
-        let span = tracing::info_span!(
-            "db.call",
-            db.system = DB::SYSTEM,
-            db.operation = plan.sql.and_then(operation_of),
-            route = plan.route.as_str(),
-            endpoint = Empty,
-            outcome = Empty,
-            error.class = Empty,
-        );
+        // No span at all until a tracing subscriber was ever installed: sqlx turns on
+        // tracing's `log` feature, with which a span that no subscriber records still goes
+        // through `log` on every poll, and its fields are still worked out.
+        let span = if tracing::dispatcher::has_been_set() {
+            tracing::info_span!(
+                "db.call",
+                db.system = DB::SYSTEM,
+                db.operation = plan.sql.and_then(operation_of),
+                route = plan.route.as_str(),
+                endpoint = Empty,
+                outcome = Empty,
+                error.class = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let served = async {
             // An async fallback gets what is left of the route's timeout from here, where the
             // endpoints' loop starts; only then is the clock read.
