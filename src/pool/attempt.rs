@@ -49,6 +49,8 @@ pub(super) struct Failed {
 /// The time an attempt has.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Budget {
+    /// The clock when the attempt starts.
+    pub(super) now: Instant,
     /// The end of this endpoint's share: getting a connection must be done by then.
     pub(super) share_end: tokio::time::Instant,
     /// The route's deadline: the operation must be done by then.
@@ -125,7 +127,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         O: Operation<DB::Connection>,
     {
         let (endpoint, route) = (self.endpoint, self.route);
-        let now = Instant::now();
+        let now = budget.now;
         self.check_lag()?;
         self.check_role()?;
         let permit = self.permit(now)?;
@@ -147,7 +149,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
             if died_idle && retry_dead && !retried {
                 retried = true;
                 drop(checkout);
-                checkout = match self.checkout(budget.deadline, now).await {
+                checkout = match self.checkout(budget.deadline, Instant::now()).await {
                     Ok(checkout) => checkout,
                     Err(refused) => return Err(refused.record(permit, now)),
                 };
@@ -287,9 +289,18 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         started: Instant,
     ) -> Result<Checkout<DB>, Refused> {
         let (pool, endpoint, route) = (self.pool, self.endpoint, self.route);
-        let left = by.saturating_duration_since(tokio::time::Instant::now());
+        let left = by.saturating_duration_since(tokio::time::Instant::from_std(started));
         let wait = left.min(pool.wait_timeout);
-        let checkout = timeout_at(by + WAIT_SLACK, endpoint.checkout(wait)).await;
+        // Polled once before its bound is armed: a connection free now needs no timer.
+        let mut checkout = std::pin::pin!(endpoint.checkout(wait));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(checkout.as_mut(), cx))
+        })
+        .await;
+        let checkout = match first {
+            std::task::Poll::Ready(got) => Ok(got),
+            std::task::Poll::Pending => timeout_at(by + WAIT_SLACK, checkout).await,
+        };
         let (class, error) = match checkout {
             Ok(Ok(checkout)) => return Ok(checkout),
             Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => {

@@ -40,8 +40,9 @@ impl<DB: Backend> PoolInner<DB> {
     where
         O: Operation<DB::Connection>,
     {
-        let deadline = tokio::time::Instant::now() + self.routes[route.index()].timeout;
-        self.failover_until(route, replay, operation, deadline)
+        let now = tokio::time::Instant::now();
+        let deadline = now + self.routes[route.index()].timeout;
+        self.failover_from(route, replay, operation, deadline, now)
             .await
     }
 
@@ -51,8 +52,31 @@ impl<DB: Backend> PoolInner<DB> {
         &self,
         route: Route,
         replay: Replay,
+        operation: O,
+        deadline: tokio::time::Instant,
+    ) -> Result<Done<O::Output>>
+    where
+        O: Operation<DB::Connection>,
+    {
+        self.failover_from(
+            route,
+            replay,
+            operation,
+            deadline,
+            tokio::time::Instant::now(),
+        )
+        .await
+    }
+
+    /// The loop itself; `started`: the clock when the call started (read once for it and
+    /// its deadline).
+    async fn failover_from<O>(
+        &self,
+        route: Route,
+        replay: Replay,
         mut operation: O,
         deadline: tokio::time::Instant,
+        started: tokio::time::Instant,
     ) -> Result<Done<O::Output>>
     where
         O: Operation<DB::Connection>,
@@ -61,8 +85,13 @@ impl<DB: Backend> PoolInner<DB> {
             self.router.candidates(route, &self.endpoints)?.into();
         let mut tried: Vec<Tried> = Vec::new();
         let mut rediscovered = false;
+        let mut first = true;
         while let Some(endpoint) = queue.pop_front() {
-            let now = tokio::time::Instant::now();
+            let now = if std::mem::take(&mut first) {
+                started
+            } else {
+                tokio::time::Instant::now()
+            };
             if now >= deadline && !tried.is_empty() {
                 break;
             }
@@ -74,6 +103,7 @@ impl<DB: Backend> PoolInner<DB> {
                 left
             };
             let budget = Budget {
+                now: now.into_std(),
                 share_end: now + share,
                 deadline,
                 others_left,
