@@ -64,9 +64,24 @@ impl Router {
         if route != Route::Read {
             return primary_of(route, endpoints);
         }
-        let (mut primaries, mut replicas): (Vec<_>, Vec<_>) = endpoints
-            .iter()
-            .partition(|endpoint| endpoint.likely_role() == Role::Primary);
+        // One vector, the preferred group first: a stable partition in place, each
+        // endpoint's role read once (it may change meanwhile).
+        let replicas_first = self.preference == ReadPreference::PreferReplica;
+        let mut order: Vec<&'e Endpoint<DB>> = endpoints.iter().collect();
+        let mut split = 0;
+        for at in 0..order.len() {
+            let primary = order[at].likely_role() == Role::Primary;
+            if primary != replicas_first {
+                order[split..=at].rotate_right(1);
+                split += 1;
+            }
+        }
+        let (first, second) = order.split_at_mut(split);
+        let (primaries, replicas) = if replicas_first {
+            (second, first)
+        } else {
+            (first, second)
+        };
         // The declared primary first among equals.
         primaries.sort_by_key(|endpoint| endpoint.hint != Role::Primary);
         if !replicas.is_empty() {
@@ -78,10 +93,7 @@ impl Router {
                 replicas.sort_by_key(|endpoint| endpoint.outstanding());
             }
         }
-        Ok(match self.preference {
-            ReadPreference::Primary => primaries.into_iter().chain(replicas).collect(),
-            ReadPreference::PreferReplica => replicas.into_iter().chain(primaries).collect(),
-        })
+        Ok(order)
     }
 }
 
