@@ -61,6 +61,13 @@ impl<DB: Backend, Q: RoutableQuery<DB>> RoutableQuery<DB> for BySql<DB, Q> {
         Q::from_row(row)
     }
 
+    fn fetch_one_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Self::Output> {
+        Q::fetch_one_on(statement, connection)
+    }
+
     fn fetch_optional_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,

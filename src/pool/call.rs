@@ -4,23 +4,15 @@
 
 use std::future::Future;
 
-use sqlx::Database;
-
 use super::ProtectedPool;
 use super::degrade::{CacheRequest, Plan};
 use super::failover::Replay;
-use super::operation::Erased;
-use super::statement::{FetchFn, QueryFuture, Statement};
+use super::operation::Fetching;
+use super::statement::{FetchFn, Statement};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::fallback::{OwnFallback, Served};
 use crate::route::Route;
-
-/// A query reduced to "run me on this connection", with the builder's type erased: the future
-/// of a pool call then names no query type, which keeps the compiler's `Send` check from
-/// tripping over the builder's lifetime (rust#100013).
-type Fetch<DB, T> =
-    Box<dyn for<'c> Fn(&'c mut <DB as Database>::Connection) -> QueryFuture<'c, T> + Send + Sync>;
 
 /// How a single statement of `route` may be replayed; `replayable`: it only reads.
 pub(super) fn replay_for(route: Route, replayable: bool) -> Replay {
@@ -47,26 +39,22 @@ pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
     let unnamed = pool.inner.unnamed_statements;
     let prepared = statement
         .map(|statement| statement.unnamed_if(unnamed))
-        .map(|statement| -> (sqlx::SqlStr, Fetch<DB, T>) {
-            let sql = statement.sql.clone();
-            (
-                sql,
-                Box::new(move |connection| fetch(&statement, connection)),
-            )
-        })
         .map_err(|source| Error::InvalidQuery { route, source });
     async move {
-        let (sql, fetch) = prepared?;
+        let statement = prepared?;
         let inner = &pool.inner;
         let plan = Plan {
             route,
-            sql: Some(sql.as_str()),
+            sql: Some(statement.sql.as_str()),
             cache,
             fallback,
         };
-        let fetch = &*fetch;
+        let run = Fetching {
+            statement: &statement,
+            fetch,
+        };
         // Boxed: the endpoint loop's future is large, and `degrade` and the span move it.
-        let call = Box::pin(inner.failover(route, replay, Erased(fetch)));
+        let call = Box::pin(inner.failover(route, replay, run));
         inner.degrade(plan, call).await
     }
 }

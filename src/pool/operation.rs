@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-use super::statement::QueryFuture;
+use sqlx::Database;
+
+use super::statement::{FetchFn, QueryFuture, Statement};
 
 /// What a call runs on a connection: a query taken apart (run as often as asked), or a
 /// caller's closure.
@@ -74,5 +76,23 @@ impl<C, T> Operation<C> for Erased<'_, C, T> {
         connection: &'c mut C,
     ) -> impl Future<Output = Result<T, sqlx::Error>> + 'c {
         (self.0)(connection)
+    }
+}
+
+/// A statement taken apart and the function that runs it: no query builder's type and no
+/// closure's in it, so the call's future stays `Send`.
+pub(crate) struct Fetching<'s, DB: Database, T> {
+    pub(crate) statement: &'s Statement<DB>,
+    pub(crate) fetch: FetchFn<DB, T>,
+}
+
+impl<DB: Database, T> Operation<DB::Connection> for Fetching<'_, DB, T> {
+    type Output = T;
+
+    fn run<'c>(
+        &'c mut self,
+        connection: &'c mut DB::Connection,
+    ) -> impl Future<Output = Result<T, sqlx::Error>> + 'c {
+        (self.fetch)(self.statement, connection)
     }
 }

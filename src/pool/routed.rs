@@ -18,7 +18,7 @@ use super::by_sql::BySql;
 use super::call::{replay_for, run_statement};
 use super::degrade::CacheRequest;
 use super::executor::OnRoute;
-use super::statement::{FetchFn, RoutableQuery, execute_on, fetch_one_on};
+use super::statement::{FetchFn, RoutableQuery, execute_on};
 use super::stream::RowStream;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -81,7 +81,7 @@ impl<'p, DB: Backend, Q, C> Routed<'p, DB, Q, C> {
 impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
     /// Exactly one row; no row is an error of class `Query`.
     pub fn fetch_one(self) -> impl Future<Output = Result<Q::Output>> + Send + 'p {
-        let call = self.degradable().run(fetch_one_on::<DB, Q>, true, None);
+        let call = self.degradable().run(Q::fetch_one_on, true, None);
         async move { call.await.map(Served::into_inner) }
     }
 
@@ -520,7 +520,7 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
         F: CallFallback<Q::Output>,
     {
         let cache = self.take_cache(|codecs| codecs.one);
-        self.run(fetch_one_on::<DB, Q>, true, cache)
+        self.run(Q::fetch_one_on, true, cache)
     }
 
     /// At most one row.

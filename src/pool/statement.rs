@@ -100,6 +100,14 @@ pub trait RoutableQuery<DB: Backend>: sealed::Sealed + Send + Sized {
     #[doc(hidden)]
     fn from_row(row: DB::Row) -> Result<Self::Output, sqlx::Error>;
 
+    /// Runs the statement on `connection`, returning exactly one row (none is
+    /// `RowNotFound`).
+    #[doc(hidden)]
+    fn fetch_one_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, Self::Output>;
+
     /// Runs the statement on `connection`, returning at most one row.
     #[doc(hidden)]
     fn fetch_optional_on<'c>(
@@ -139,6 +147,13 @@ where
         Statement::take_apart(self)
     }
 
+    fn fetch_one_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, DB::Row> {
+        Box::pin(statement.query().fetch_one(DB::executor(connection)))
+    }
+
     fn fetch_optional_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
@@ -168,6 +183,15 @@ where
 
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
+    }
+
+    fn fetch_one_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, O> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_as_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_one(DB::executor(connection)))
     }
 
     fn fetch_optional_on<'c>(
@@ -206,6 +230,15 @@ where
         Statement::take_apart(self)
     }
 
+    fn fetch_one_on<'c>(
+        statement: &Statement<DB>,
+        connection: &'c mut DB::Connection,
+    ) -> QueryFuture<'c, O> {
+        let (sql, arguments) = statement.parts();
+        let query = sqlx::query_scalar_with(sql, arguments).persistent(statement.persistent);
+        Box::pin(query.fetch_one(DB::executor(connection)))
+    }
+
     fn fetch_optional_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
@@ -228,14 +261,6 @@ where
 /// Runs a statement on a connection, giving a `T`.
 pub(crate) type FetchFn<DB, T> =
     for<'c> fn(&Statement<DB>, &'c mut <DB as Database>::Connection) -> QueryFuture<'c, T>;
-
-pub(crate) fn fetch_one_on<'c, DB: Backend, Q: RoutableQuery<DB>>(
-    statement: &Statement<DB>,
-    connection: &'c mut DB::Connection,
-) -> QueryFuture<'c, Q::Output> {
-    let row = Q::fetch_optional_on(statement, connection);
-    Box::pin(async move { row.await?.ok_or(sqlx::Error::RowNotFound) })
-}
 
 pub(crate) fn execute_on<'c, DB: Backend>(
     statement: &Statement<DB>,
