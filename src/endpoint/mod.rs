@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use deadpool::Runtime;
-use deadpool::managed::{Object, Pool, PoolError, TimeoutType, Timeouts};
+use deadpool::managed::{Object, Pool, PoolError, Timeouts};
 use serde::Serialize;
 
 pub use after_connect::AfterConnectFuture;
@@ -199,23 +199,12 @@ impl<DB: Backend> Endpoint<DB> {
         &self,
         wait: Duration,
     ) -> Result<Checkout<DB>, PoolError<sqlx::Error>> {
-        // A free connection first, with no wait: a wait arms a timer, which a call that finds
-        // a connection free has no use for.
-        let now = Timeouts {
-            wait: Some(Duration::ZERO),
+        let timeouts = Timeouts {
+            wait: Some(wait),
             create: None,
             recycle: None,
         };
-        let got = match self.pool.timeout_get(&now).await {
-            Err(PoolError::Timeout(TimeoutType::Wait)) if !wait.is_zero() => {
-                let timeouts = Timeouts {
-                    wait: Some(wait),
-                    ..now
-                };
-                self.pool.timeout_get(&timeouts).await
-            }
-            got => got,
-        };
+        let got = self.pool.timeout_get(&timeouts).await;
         let records_use = self.idle_timeout.is_some();
         got.map(|connection| Checkout::new(connection, records_use))
     }
