@@ -72,52 +72,10 @@ struct Stripe {
     /// `ring_position` when the window was last cleared.
     window_base: AtomicU64,
     /// Count window: one failure bit and one slow bit per position, `size` positions.
-    ring_failures: Isolated<AtomicU64>,
-    ring_slow: Isolated<AtomicU64>,
+    ring_failures: Box<[AtomicU64]>,
+    ring_slow: Box<[AtomicU64]>,
     /// Time window: one bucket per slice.
-    buckets: Isolated<Bucket>,
-}
-
-/// A boxed slice with two cache lines' room (128 bytes, what x86 prefetches together) on
-/// each side of its items: no other allocation shares a line with them. The stripes are
-/// aligned apart; the rings and buckets they point to are allocations of their own, which the
-/// allocator may put next to another stripe's, where two threads writing their own stripes
-/// would write one line.
-struct Isolated<T> {
-    items: Box<[T]>,
-    pad: usize,
-}
-
-impl<T> Isolated<T> {
-    fn new(len: usize, mut make: impl FnMut() -> T) -> Self {
-        if len == 0 {
-            return Self {
-                items: Box::new([]),
-                pad: 0,
-            };
-        }
-        let pad = 128_usize.div_ceil(std::mem::size_of::<T>().max(1));
-        Self {
-            items: (0..len + 2 * pad).map(|_| make()).collect(),
-            pad,
-        }
-    }
-}
-
-impl<T> std::ops::Deref for Isolated<T> {
-    type Target = [T];
-
-    fn deref(&self) -> &[T] {
-        &self.items[self.pad..self.items.len() - self.pad]
-    }
-}
-
-impl<T> std::fmt::Debug for Isolated<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Isolated")
-            .field("len", &self.len())
-            .finish()
-    }
+    buckets: Box<[Bucket]>,
 }
 
 #[derive(Debug, Default)]
@@ -185,12 +143,14 @@ impl Stripes {
                 ignored: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 window_base: AtomicU64::new(0),
-                ring_failures: Isolated::new(ring_words, || AtomicU64::new(0)),
-                ring_slow: Isolated::new(ring_words, || AtomicU64::new(0)),
-                buckets: Isolated::new(bucket_count, || Bucket {
-                    slice: AtomicU64::new(u64::MAX),
-                    ..Bucket::default()
-                }),
+                ring_failures: (0..ring_words).map(|_| AtomicU64::new(0)).collect(),
+                ring_slow: (0..ring_words).map(|_| AtomicU64::new(0)).collect(),
+                buckets: (0..bucket_count)
+                    .map(|_| Bucket {
+                        slice: AtomicU64::new(u64::MAX),
+                        ..Bucket::default()
+                    })
+                    .collect(),
             })
             .collect();
         Self {
