@@ -65,7 +65,17 @@ pub(crate) struct Plan<'a, T> {
     pub(crate) fallback: Option<OwnFallback<T>>,
 }
 
-impl<T> Plan<'_, T> {
+impl<'a, T> Plan<'a, T> {
+    /// What the fallbacks are told about a call that failed with `error`.
+    fn context<'c>(&'c self, error: &'c Error) -> FallbackContext<'c> {
+        FallbackContext {
+            route: self.route,
+            error,
+            sql: self.sql,
+            key: self.cache.as_ref().map(CacheRequest::own_key),
+        }
+    }
+
     /// A call with no SQL to show (a closure on a connection), no cache and no fallback of
     /// its own.
     pub(crate) fn bare(route: Route) -> Self {
@@ -195,19 +205,10 @@ impl<DB: Backend> PoolInner<DB> {
     }
 
     /// The call's fallback, then the route's, when neither is async.
-    fn run_sync_fallbacks<T: 'static>(&self, plan: Plan<'_, T>, error: &Error) -> Option<T> {
-        let Plan {
-            route,
-            sql,
-            cache,
-            fallback,
-        } = plan;
-        let context = FallbackContext {
-            route,
-            error,
-            sql,
-            key: cache.as_ref().map(CacheRequest::own_key),
-        };
+    fn run_sync_fallbacks<T: 'static>(&self, mut plan: Plan<'_, T>, error: &Error) -> Option<T> {
+        let fallback = plan.fallback.take();
+        let context = plan.context(error);
+        let route = plan.route;
         match fallback {
             Some(OwnFallback::Sync(fallback)) => fallback(&context),
             // An async one is run by `run_fallbacks`.
@@ -223,22 +224,13 @@ impl<DB: Backend> PoolInner<DB> {
     /// failure of an async one. Each async one has until the route's timeout from `started`.
     async fn run_fallbacks<T: 'static>(
         &self,
-        plan: Plan<'_, T>,
+        mut plan: Plan<'_, T>,
         error: &Error,
         started: Option<tokio::time::Instant>,
     ) -> (Option<T>, Option<FallbackFailure>) {
-        let Plan {
-            route,
-            sql,
-            cache,
-            fallback,
-        } = plan;
-        let context = FallbackContext {
-            route,
-            error,
-            sql,
-            key: cache.as_ref().map(CacheRequest::own_key),
-        };
+        let fallback = plan.fallback.take();
+        let context = plan.context(error);
+        let route = plan.route;
         let deadline = started.map(|started| started + self.routes[route.index()].timeout);
         let mut failure = None;
         let mut value = match fallback {
