@@ -1,7 +1,8 @@
 //! The closed path and open rejection allocate nothing: a counting global allocator proves it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+#[path = "support/alloc.rs"]
+mod alloc;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -9,34 +10,13 @@ use protected_pool::breaker::{
     BreakerConfig, CircuitBreaker, OpenDuration, Outcome, SlidingWindow, State,
 };
 
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-// Counts per thread, so other tests running in parallel do not disturb the figure.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
-fn allocations_during(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.with(Cell::get);
+fn allocations_during(f: impl FnOnce()) -> u64 {
+    let before = alloc::allocations();
     f();
-    ALLOCATIONS.with(Cell::get) - before
+    alloc::allocations() - before
 }
 
 fn configs() -> Vec<(&'static str, BreakerConfig)> {

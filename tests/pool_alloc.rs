@@ -5,35 +5,14 @@
 //! A real SQLite database (in memory) answers; its driver's worker thread is not counted, the
 //! calling thread is (the pool, sqlx's client side, tokio's task).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+#[path = "support/alloc.rs"]
+mod alloc;
 
 use protected_pool::{ProtectedPool, Route};
 use sqlx::Connection;
 
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// Counts per thread, so other tests running in parallel do not disturb the figure.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 const CALLS: u64 = 2_000;
 
@@ -42,11 +21,11 @@ async fn per_call<F: AsyncFnMut()>(mut call: F) -> f64 {
     for _ in 0..CALLS {
         call().await;
     }
-    let before = ALLOCATIONS.with(Cell::get);
+    let before = alloc::allocations();
     for _ in 0..CALLS {
         call().await;
     }
-    (ALLOCATIONS.with(Cell::get) - before) as f64 / CALLS as f64
+    (alloc::allocations() - before) as f64 / CALLS as f64
 }
 
 /// The most allocations a read through the pool may add to sqlx's own, per call: the
