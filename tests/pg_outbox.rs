@@ -6,6 +6,8 @@
 //! for speed): with it off, a commit the server acknowledged can be lost by a crash, and no
 //! client can make a write exactly-once then.
 
+#[path = "support/ledger.rs"]
+mod ledger;
 #[path = "support/scenario.rs"]
 mod scenario;
 
@@ -13,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ledger::ledger;
 use protected_pool::outbox::{OutboxConfig, OutboxEvent};
 use protected_pool::{
     DurableWrite, Error, HealthStatus, Postgres, ProtectedPool, Route, RouteConfig, Source,
@@ -54,19 +57,6 @@ fn entry(writer: i32, n: i32) -> DurableWrite {
         .bind(writer)
         .bind(n)
         .bind(i64::from(n) + 1)
-}
-
-/// Rows, distinct (writer, n) pairs and the sum of amounts in the ledger.
-async fn ledger(pg: &PgServer) -> (i64, i64, i64) {
-    let out = pg
-        .psql("SELECT count(*), count(DISTINCT (writer, n)), coalesce(sum(amount), 0) FROM ledger")
-        .await
-        .expect("read the ledger");
-    let fields: Vec<i64> = out
-        .split('|')
-        .map(|field| field.trim().parse().expect("a number"))
-        .collect();
-    (fields[0], fields[1], fields[2])
 }
 
 fn events(pool: &ProtectedPool<Postgres>) -> Arc<Mutex<Vec<OutboxEvent>>> {

@@ -10,6 +10,8 @@
 //! The server runs with `synchronous_commit` on (the harness turns it off for speed): with it
 //! off, a commit the server acknowledged can be lost, and no client can be exactly-once then.
 
+#[path = "support/ledger.rs"]
+mod ledger;
 #[path = "support/scenario.rs"]
 mod scenario;
 
@@ -21,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ledger::ledger;
 use protected_pool::outbox::{OutboxConfig, OutboxEvent};
 use protected_pool::{DurableWrite, Postgres, ProtectedPool, Route, RouteConfig, Source};
 use protected_pool_testkit::{FaultMode, FaultProxy, PgServer};
@@ -246,19 +249,6 @@ async fn queued_in_file(connection: &mut SqliteConnection) -> i64 {
         .fetch_one(connection)
         .await
         .expect("count the queued writes")
-}
-
-/// Rows, distinct (writer, n) pairs and the sum of amounts in the ledger.
-async fn ledger(pg: &PgServer) -> (i64, i64, i64) {
-    let out = pg
-        .psql("SELECT count(*), count(DISTINCT (writer, n)), coalesce(sum(amount), 0) FROM ledger")
-        .await
-        .expect("read the ledger");
-    let fields: Vec<i64> = out
-        .split('|')
-        .map(|field| field.trim().parse().expect("a number"))
-        .collect();
-    (fields[0], fields[1], fields[2])
 }
 
 async fn rows(pg: &PgServer) -> i64 {
