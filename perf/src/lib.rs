@@ -271,6 +271,35 @@ pub fn register_chart_font() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The bare engine protected-pool stands on, as every benchmark runs it: deadpool's managed
+/// pool over sqlx's `PgConnection`, connections opened and handed out again without any check,
+/// the floor under protected-pool's checkout.
+#[derive(Debug)]
+pub struct BareManager {
+    /// Where its connections go.
+    pub options: sqlx::postgres::PgConnectOptions,
+}
+
+impl deadpool::managed::Manager for BareManager {
+    type Type = sqlx::postgres::PgConnection;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<sqlx::postgres::PgConnection, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        // Boxed as protected-pool's manager boxes it: the driver's connect future is about
+        // 1.9 kB, and inline it would make every checkout future (a hot path) that large.
+        Box::pin(self.options.connect()).await
+    }
+
+    async fn recycle(
+        &self,
+        _: &mut sqlx::postgres::PgConnection,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<sqlx::Error> {
+        Ok(())
+    }
+}
+
 /// `value` with thousands separators: `12,345`.
 pub fn thousands(value: u64) -> String {
     let digits = value.to_string();

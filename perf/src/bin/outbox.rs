@@ -18,19 +18,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{Metrics, RecycleResult};
 use protected_pool::breaker::{BreakerConfig, OpenDuration, State};
 use protected_pool::outbox::{OutboxConfig, OutboxEvent};
 use protected_pool::{
     DurableWrite, EndpointOptions, Postgres, ProtectedPool, Route, Source, WriteOutcome,
 };
 use protected_pool_perf::{
-    BoxError, Flags, Usage, cpu_time, machine_summary, median, percentile, thousands,
+    BareManager, BoxError, Flags, Usage, cpu_time, machine_summary, median, percentile, thousands,
     wait_quiet_as_documented,
 };
 use protected_pool_testkit::{FaultMode, FaultProxy, PgServer};
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
 
 /// The table every writer inserts into.
 const TABLE_SQL: &str = "CREATE TABLE outbox_bench (\
@@ -292,26 +291,6 @@ async fn key_rows(admin: &mut PgConnection) -> Result<i64, BoxError> {
 }
 
 // ---- part 1: a keyed write against a plain one ----------------------------------------------
-
-/// The bare engine's deadpool manager, as in `throughput`: sqlx connections handed out again
-/// without any check.
-#[derive(Debug)]
-struct BareManager {
-    options: PgConnectOptions,
-}
-
-impl deadpool::managed::Manager for BareManager {
-    type Type = PgConnection;
-    type Error = sqlx::Error;
-
-    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
-        Box::pin(self.options.connect()).await
-    }
-
-    async fn recycle(&self, _: &mut PgConnection, _: &Metrics) -> RecycleResult<sqlx::Error> {
-        Ok(())
-    }
-}
 
 #[derive(Clone)]
 struct Writers {

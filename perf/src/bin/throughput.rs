@@ -15,15 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{Metrics, RecycleResult};
 use protected_pool::{EndpointOptions, ProtectedPool};
 use protected_pool_perf::{
-    BoxError, Flags, TABLE_ROWS, TABLE_SQL, Usage, children_peak_rss_kib, cpu_time,
+    BareManager, BoxError, Flags, TABLE_ROWS, TABLE_SQL, Usage, children_peak_rss_kib, cpu_time,
     machine_summary, median, peak_rss_kib, thousands, wait_quiet_as_documented,
 };
 use protected_pool_testkit::PgServer;
-use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 /// Issue 14's targets for protected-pool's read route, against the bare engine in the same run.
 const READ_TARGET: f64 = 0.97;
@@ -707,28 +704,6 @@ fn child(args: &[String]) -> Result<(), BoxError> {
     };
     println!("{}", run.to_line());
     Ok(())
-}
-
-/// The bare engine's deadpool manager: opens sqlx connections and hands them out again
-/// without any check, the floor under protected-pool's checkout.
-#[derive(Debug)]
-struct BareManager {
-    options: PgConnectOptions,
-}
-
-impl deadpool::managed::Manager for BareManager {
-    type Type = PgConnection;
-    type Error = sqlx::Error;
-
-    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
-        // Boxed as protected-pool's manager boxes it: the driver's connect future is about
-        // 1.9 kB, and inline it would make every checkout future (a hot path) that large.
-        Box::pin(self.options.connect()).await
-    }
-
-    async fn recycle(&self, _: &mut PgConnection, _: &Metrics) -> RecycleResult<sqlx::Error> {
-        Ok(())
-    }
 }
 
 async fn run_rust(
