@@ -404,9 +404,17 @@ impl<DB: Backend> PoolInner<DB> {
 
 /// A write the pool can make exactly once per key: a sqlx [`Query`] or a [`DurableWrite`].
 pub trait KeyedWrite<DB: Backend>: sealed::Sealed + Send + Sized {
-    /// Takes the write apart, and keeps it in a form the outbox can store if it is one.
+    /// Takes the write apart into SQL and encoded arguments.
     #[doc(hidden)]
-    fn into_parts(self) -> Result<(Statement<DB>, Option<DurableWrite>), sqlx::Error>;
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error>;
+}
+
+/// A durable write's values encoded for `DB`, as a statement to run.
+pub(crate) fn statement_of<DB: Backend>(
+    write: &DurableWrite,
+) -> Result<Statement<DB>, sqlx::Error> {
+    let arguments = DB::durable_arguments(write.values())?;
+    Ok(Statement::new(write.sql_str(), arguments))
 }
 
 mod sealed {
@@ -420,15 +428,14 @@ where
     DB: Backend,
     A: 'q + IntoArguments<DB> + Send,
 {
-    fn into_parts(self) -> Result<(Statement<DB>, Option<DurableWrite>), sqlx::Error> {
-        Ok((Statement::take_apart(self)?, None))
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
+        Statement::take_apart(self)
     }
 }
 
 impl<DB: Backend> KeyedWrite<DB> for DurableWrite {
-    fn into_parts(self) -> Result<(Statement<DB>, Option<DurableWrite>), sqlx::Error> {
-        let arguments = DB::durable_arguments(self.values())?;
-        Ok((Statement::new(self.sql_str(), arguments), Some(self)))
+    fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
+        statement_of(&self)
     }
 }
 
@@ -490,13 +497,13 @@ impl<'p, DB: Backend, Q: KeyedWrite<DB>> Keyed<'p, DB, Q> {
     pub fn execute(self) -> impl Future<Output = Result<WriteOutcome>> + Send + 'p {
         let Self { pool, key, query } = self;
         let parts = check_key(&key)
-            .and_then(|()| query.into_parts())
+            .and_then(|()| query.into_statement())
             .map_err(|source| Error::InvalidQuery {
                 route: Route::Write,
                 source,
             });
         async move {
-            let (statement, _) = parts?;
+            let statement = parts?;
             pool.inner
                 .keyed_call(&key, statement, true)
                 .await
@@ -538,10 +545,7 @@ impl<'p, DB: Backend> Keyed<'p, DB, DurableWrite> {
     pub(crate) fn into_durable(self) -> (&'p ProtectedPool<DB>, Result<Parts<DB>>) {
         let Self { pool, key, query } = self;
         let parts = check_key(&key)
-            .and_then(|()| {
-                let (statement, _) = <DurableWrite as KeyedWrite<DB>>::into_parts(query.clone())?;
-                Ok(statement)
-            })
+            .and_then(|()| statement_of(&query))
             .map(|statement| Parts {
                 key,
                 statement,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::failover::Replay;
-use super::keyed::{Keyed, Keys, WriteOutcome, claim};
+use super::keyed::{Keyed, Keys, WriteOutcome, claim, statement_of};
 use super::operation::Operation;
 use super::statement::{QueryFuture, Statement, execute_on};
 use super::{PoolInner, ProtectedPool};
@@ -292,12 +292,11 @@ impl<DB: Backend> PoolInner<DB> {
             .iter()
             .map(|queued| {
                 let write = queued.write.as_ref().map_err(Clone::clone)?;
-                let arguments = DB::durable_arguments(write.values())
+                let statement = statement_of::<DB>(write)
                     .map_err(|error| format!("the stored arguments do not encode: {error}"))?;
                 Ok(Prepared::Ready {
                     key: queued.key.clone(),
-                    statement: Statement::new(write.sql_str(), arguments)
-                        .unnamed_if(self.unnamed_statements),
+                    statement: statement.unnamed_if(self.unnamed_statements),
                 })
             })
             .map(|prepared: Result<Prepared<DB>, String>| prepared.unwrap_or_else(Prepared::Broken))
