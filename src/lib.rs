@@ -34,6 +34,7 @@ mod route;
 pub mod route_by_sql;
 mod router;
 pub mod telemetry;
+mod timer;
 
 pub use backend::Backend;
 pub use classify::{Classifier, ErrorClass};

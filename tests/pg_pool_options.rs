@@ -203,7 +203,9 @@ async fn min_connections_are_open_after_connect_and_kept_open() {
         .await
         .expect("connect");
     let status = pool.status(PRIMARY).unwrap();
-    assert_eq!((status.size, status.idle), (3, 3), "{status:?}");
+    // All three open; one may be out with the health loop's probe (every 100 ms here).
+    assert_eq!(status.size, 3, "{status:?}");
+    assert!(status.idle >= 2, "{status:?}");
     assert_eq!(pool.status(REPLICA).unwrap().size, 2);
     assert_eq!(sessions(&primary, "kept").await, 3);
     assert_eq!(sessions(&replica, "kept-replica").await, 2);

@@ -1,5 +1,6 @@
 //! The deadpool manager: opens sqlx connections and decides which may be handed out again.
 
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,6 +43,23 @@ impl<DB: Backend> PooledConnection<DB> {
     pub(crate) fn check_before_reuse(&mut self) {
         self.checked_at_loss = u64::MAX;
     }
+}
+
+thread_local! {
+    /// How many times a manager on this thread began to open or check a connection. A
+    /// checkout compares it before and after each poll: when it moved, the pool gave that
+    /// checkout a slot and is working on its connection, so it no longer waits for a free one.
+    static WORK_BEGUN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// See [`WORK_BEGUN`].
+#[inline]
+pub(crate) fn work_begun() -> u64 {
+    WORK_BEGUN.with(Cell::get)
+}
+
+fn begin_work() {
+    WORK_BEGUN.with(|count| count.set(count.get().wrapping_add(1)));
 }
 
 pub(crate) struct ConnectionManager<DB: Backend> {
@@ -220,6 +238,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
     type Error = sqlx::Error;
 
     async fn create(&self) -> Result<Self::Type, Self::Error> {
+        begin_work();
         // Our own timeout, so a server that accepts TCP but never answers fails with a
         // timeout after connect_timeout, and a refused connection fails at once with its cause.
         // Boxed: the driver's connect future is large (about 1.9 kB for PostgreSQL) and would
@@ -284,6 +303,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         connection: &mut Self::Type,
         metrics: &Metrics,
     ) -> RecycleResult<Self::Error> {
+        begin_work();
         if connection.busy {
             return Err(RecycleError::message(
                 "cancelled in the middle of a statement",

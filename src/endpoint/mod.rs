@@ -7,8 +7,10 @@ mod options;
 mod role;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use deadpool::Runtime;
@@ -25,10 +27,22 @@ use crate::breaker::{CircuitBreaker, State};
 use crate::role::Role;
 use crate::route::Route;
 use crate::telemetry::RouteMetrics;
+use crate::timer::Timer;
 pub(crate) use checkout::Checkout;
 pub(crate) use manager::{ConnectionManager, PooledConnection};
 pub use role::RoleChange;
 pub(crate) use role::RoleState;
+
+/// Why [`Endpoint::checkout_by`] gave no connection.
+#[derive(Debug)]
+pub(crate) enum Stopped {
+    /// No connection was free by the end of the wait: the server was not asked anything.
+    Waited,
+    /// Opening or checking a connection was not done in time.
+    TimedOut,
+    /// The pool said why.
+    Pool(PoolError<sqlx::Error>),
+}
 
 /// Connection counts of one endpoint's pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -191,6 +205,38 @@ impl<DB: Backend> Endpoint<DB> {
 
     pub(crate) fn breakers(&self) -> impl Iterator<Item = (Route, &CircuitBreaker)> {
         Route::ALL.into_iter().zip(self.breakers.iter())
+    }
+
+    /// A connection: waiting for a free one until `wait_end` (refused with [`Stopped::Waited`]),
+    /// and getting it (opening or checking one) until `by` ([`Stopped::TimedOut`]), on one
+    /// timer that is armed only if the connection is not there at once.
+    pub(crate) async fn checkout_by(
+        &self,
+        wait_end: tokio::time::Instant,
+        by: tokio::time::Instant,
+        timer: &mut Timer<'_>,
+    ) -> Result<Checkout<DB>, Stopped> {
+        // No timeouts for deadpool: each would be a timer of its own on every checkout.
+        let timeouts = Timeouts::default();
+        let mut got = std::pin::pin!(self.pool.timeout_get(&timeouts));
+        let mut working = false;
+        let got = std::future::poll_fn(|cx| {
+            let begun = manager::work_begun();
+            if let Poll::Ready(got) = got.as_mut().poll(cx) {
+                return Poll::Ready(got.map_err(Stopped::Pool));
+            }
+            working = working || manager::work_begun() != begun;
+            let until = if working { by } else { wait_end.min(by) };
+            timer.poll_until(until, cx).map(|()| {
+                Err(if working {
+                    Stopped::TimedOut
+                } else {
+                    Stopped::Waited
+                })
+            })
+        })
+        .await?;
+        Ok(Checkout::new(got, self.idle_timeout.is_some()))
     }
 
     /// A connection, waiting at most `wait` for a free one (a wait of zero takes one only if

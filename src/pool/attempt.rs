@@ -7,25 +7,22 @@
 //! share is spent: if the server answers a new connection it is alive and the read is merely
 //! slow, so it goes on; if not, the endpoint is hung and the read moves on.
 
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use deadpool::managed::{PoolError, TimeoutType};
-use tokio::time::timeout_at;
+use deadpool::managed::PoolError;
 
 use super::PoolInner;
 use super::operation::Operation;
 use crate::backend::Backend;
 use crate::breaker::{Outcome, Permit};
 use crate::classify::ErrorClass;
-use crate::endpoint::{Checkout, Endpoint};
+use crate::endpoint::{Checkout, Endpoint, Stopped};
 use crate::error::{Error, Result};
 use crate::role::Role;
 use crate::route::Route;
-
-/// Slack given to the outer bound on getting a connection, so that when nothing was being
-/// opened the pool's own wait timeout (which says no connection was free) fires first.
-const WAIT_SLACK: Duration = Duration::from_millis(5);
+use crate::timer::Timer;
 
 /// A call's value and the endpoint that gave it.
 pub(crate) struct Done<T> {
@@ -132,7 +129,9 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         self.check_role()?;
         let permit = self.permit(now)?;
         let _outstanding = endpoint.start_call();
-        let mut checkout = match self.checkout(budget.share_end, now).await {
+        let mut timer_slot = pin!(None);
+        let mut timer = Timer::new(timer_slot.as_mut());
+        let mut checkout = match self.checkout(budget.share_end, now, &mut timer).await {
             Ok(checkout) => checkout,
             Err(refused) => return Err(refused.record(permit, now)),
         };
@@ -140,7 +139,9 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         self.check_role()?;
         let mut retried = false;
         let result = loop {
-            let result = self.operate(&mut checkout, operation, budget).await;
+            let result = self
+                .operate(&mut checkout, operation, budget, &mut timer)
+                .await;
             // A reused connection that died before answering says nothing about the server:
             // it died while idle (a restart since). Counted against the connection, not the
             // breaker: the next checkout checks its siblings first.
@@ -149,7 +150,10 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
             if died_idle && retry_dead && !retried {
                 retried = true;
                 drop(checkout);
-                checkout = match self.checkout(budget.deadline, Instant::now()).await {
+                checkout = match self
+                    .checkout(budget.deadline, Instant::now(), &mut timer)
+                    .await
+                {
                     Ok(checkout) => checkout,
                     Err(refused) => return Err(refused.record(permit, now)),
                 };
@@ -219,7 +223,11 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         self.check_lag()?;
         self.check_role()?;
         let permit = self.permit(now)?;
-        let checkout = match self.checkout(by, now).await {
+        let mut timer_slot = pin!(None);
+        let checkout = match self
+            .checkout(by, now, &mut Timer::new(timer_slot.as_mut()))
+            .await
+        {
             Ok(checkout) => checkout,
             Err(refused) => return Err(refused.record(permit, now)),
         };
@@ -282,28 +290,21 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         })
     }
 
-    /// A connection, by `by`. Nothing has been sent yet whatever happens here.
+    /// A connection, by `by`, on `timer`. Nothing has been sent yet whatever happens here.
     async fn checkout(
         &self,
         by: tokio::time::Instant,
         started: Instant,
+        timer: &mut Timer<'_>,
     ) -> Result<Checkout<DB>, Refused> {
         let (pool, endpoint, route) = (self.pool, self.endpoint, self.route);
-        let left = by.saturating_duration_since(tokio::time::Instant::from_std(started));
-        let wait = left.min(pool.wait_timeout);
-        // Polled once before its bound is armed: a connection free now needs no timer.
-        let mut checkout = std::pin::pin!(endpoint.checkout(wait));
-        let first = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::future::Future::poll(checkout.as_mut(), cx))
-        })
-        .await;
-        let checkout = match first {
-            std::task::Poll::Ready(got) => Ok(got),
-            std::task::Poll::Pending => timeout_at(by + WAIT_SLACK, checkout).await,
-        };
-        let (class, error) = match checkout {
-            Ok(Ok(checkout)) => return Ok(checkout),
-            Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => {
+        let started_at = tokio::time::Instant::from_std(started);
+        let wait = by
+            .saturating_duration_since(started_at)
+            .min(pool.wait_timeout);
+        let (class, error) = match endpoint.checkout_by(started_at + wait, by, timer).await {
+            Ok(checkout) => return Ok(checkout),
+            Err(Stopped::Waited) => {
                 // Our own pool is full: the server was not asked anything, and its breaker
                 // hears nothing.
                 let error = Error::Saturated {
@@ -313,8 +314,10 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 };
                 return Err(Refused::unheard(error, true));
             }
-            Ok(Err(PoolError::Closed)) => return Err(Refused::unheard(Error::Closed, false)),
-            Ok(Err(PoolError::Backend(source))) => {
+            Err(Stopped::Pool(PoolError::Closed)) => {
+                return Err(Refused::unheard(Error::Closed, false));
+            }
+            Err(Stopped::Pool(PoolError::Backend(source))) => {
                 let judged = judge(pool, &source, route);
                 if DB::breaks_connection(&source) || judged.class == ErrorClass::Connection {
                     endpoint.connection_lost();
@@ -330,12 +333,12 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                     outcome: Some(judged.outcome),
                 });
             }
-            Ok(Err(other)) => {
+            Err(Stopped::Pool(other)) => {
                 let source = sqlx::Error::Protocol(format!("connection pool: {other}"));
                 let class = ErrorClass::Unknown;
                 (class, endpoint_error(endpoint, route, class, false, source))
             }
-            Err(_) => (
+            Err(Stopped::TimedOut) => (
                 ErrorClass::Timeout,
                 Error::Timeout {
                     route,
@@ -358,14 +361,15 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         checkout: &mut Checkout<DB>,
         operation: &mut O,
         budget: Budget,
+        timer: &mut Timer<'_>,
     ) -> Result<Result<O::Output, sqlx::Error>, Stalled>
     where
         O: Operation<DB::Connection>,
     {
         let run = checkout.run(async |raw| operation.run(raw).await);
-        let mut run = std::pin::pin!(run);
+        let mut run = pin!(run);
         if budget.others_left && budget.share_end < budget.deadline {
-            if let Ok(result) = timeout_at(budget.share_end, &mut run).await {
+            if let Some(result) = timer.within(budget.share_end, &mut run).await {
                 return Ok(result);
             }
             // The share is spent and the operation still runs: slow, or hung?
@@ -381,9 +385,10 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
                 return Err(Stalled { hung: true });
             }
         }
-        timeout_at(budget.deadline, run)
+        timer
+            .within(budget.deadline, run)
             .await
-            .map_err(|_| Stalled { hung: false })
+            .ok_or(Stalled { hung: false })
     }
 }
 
