@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -58,11 +59,38 @@ impl<'a> Timer<'a> {
     }
 }
 
+/// `future`'s output, or `None` if it is not done within `limit`. Unlike
+/// `tokio::time::timeout`, the clock is read and a timer made only if the future is not ready
+/// at once (as a memory cache always is).
+pub(crate) async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let mut slot = pin!(None);
+    let mut timer = Timer::new(slot.as_mut());
+    let mut deadline = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + limit);
+        timer.poll_until(deadline, cx).map(|()| None)
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_a_limit() {
+        let start = Instant::now();
+        assert_eq!(within(Duration::from_secs(1), async { 1 }).await, Some(1));
+        let slow = within(Duration::from_secs(1), async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        assert_eq!(slow.await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_ready_future_never_arms_the_timer() {
