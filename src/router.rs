@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::backend::Backend;
 use crate::endpoint::Endpoint;
@@ -34,6 +35,10 @@ pub enum ReplicaSelection {
     RoundRobin,
 }
 
+/// The endpoints a call may try, in order. Held inline: a pool rarely has more than four
+/// endpoints, and this is worked out on every call.
+pub(crate) type Candidates<'e, DB> = SmallVec<[&'e Endpoint<DB>; 4]>;
+
 #[derive(Debug)]
 pub(crate) struct Router {
     preference: ReadPreference,
@@ -60,14 +65,14 @@ impl Router {
         &self,
         route: Route,
         endpoints: &'e [Endpoint<DB>],
-    ) -> Result<Vec<&'e Endpoint<DB>>, Error> {
+    ) -> Result<Candidates<'e, DB>, Error> {
         if route != Route::Read {
             return primary_of(route, endpoints);
         }
         // One vector, the preferred group first: a stable partition in place, each
         // endpoint's role read once (it may change meanwhile).
         let replicas_first = self.preference == ReadPreference::PreferReplica;
-        let mut order: Vec<&'e Endpoint<DB>> = endpoints.iter().collect();
+        let mut order: Candidates<'e, DB> = endpoints.iter().collect();
         let mut split = 0;
         for at in 0..order.len() {
             let primary = order[at].likely_role() == Role::Primary;
@@ -100,8 +105,8 @@ impl Router {
 fn primary_of<DB: Backend>(
     route: Route,
     endpoints: &[Endpoint<DB>],
-) -> Result<Vec<&Endpoint<DB>>, Error> {
-    let mut primaries: Vec<&Endpoint<DB>> = endpoints
+) -> Result<Candidates<'_, DB>, Error> {
+    let mut primaries: Candidates<'_, DB> = endpoints
         .iter()
         .filter(|endpoint| endpoint.role() == Some(Role::Primary))
         .collect();
@@ -122,7 +127,7 @@ fn primary_of<DB: Backend>(
             });
         }
     }
-    let mut unknown: Vec<&Endpoint<DB>> = endpoints
+    let mut unknown: Candidates<'_, DB> = endpoints
         .iter()
         .filter(|endpoint| endpoint.role().is_none())
         .collect();

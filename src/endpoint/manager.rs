@@ -312,11 +312,16 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         if connection.broken {
             return Err(RecycleError::message("saw a connection error"));
         }
-        if connection.expires_at.is_some_and(|at| Instant::now() >= at) {
+        // One clock read for both checks.
+        let now = Instant::now();
+        if connection.expires_at.is_some_and(|at| now >= at) {
             return Err(RecycleError::message("reached its max lifetime"));
         }
+        let last_used = metrics.recycled.unwrap_or(metrics.created);
         let losses = self.losses.load(Ordering::Relaxed);
-        if connection.checked_at_loss != losses || metrics.last_used() >= self.idle_check_after {
+        if connection.checked_at_loss != losses
+            || now.saturating_duration_since(last_used) >= self.idle_check_after
+        {
             // Bounded here rather than by deadpool's recycle timeout, which would arm a timer
             // on every checkout, pinged or not. A ping that hangs drops the connection and
             // the pool opens another.

@@ -130,12 +130,13 @@ impl<DB: Backend> PoolInner<DB> {
                 Err(error) if error.is_unavailable() => self.fall_back(plan, error, started).await,
                 Err(error) => Err(error),
             }
+        };
+        // Entering a span that records nothing still costs, on every poll.
+        if span.is_disabled() {
+            return served.await;
         }
-        .instrument(span.clone())
-        .await;
-        if !span.is_disabled() {
-            record_outcome(&span, &served);
-        }
+        let served = served.instrument(span.clone()).await;
+        record_outcome(&span, &served);
         served
     }
 

@@ -1,7 +1,5 @@
 //! The endpoints of one call, tried in turn: the one loop every call goes through.
 
-use std::collections::VecDeque;
-
 use super::PoolInner;
 use super::attempt::{Attempt, Budget, Done, Failed};
 use super::operation::Operation;
@@ -81,12 +79,12 @@ impl<DB: Backend> PoolInner<DB> {
     where
         O: Operation<DB::Connection>,
     {
-        let mut queue: VecDeque<&Endpoint<DB>> =
-            self.router.candidates(route, &self.endpoints)?.into();
+        let mut queue = self.router.candidates(route, &self.endpoints)?;
         let mut tried: Vec<Tried> = Vec::new();
         let mut rediscovered = false;
         let mut first = true;
-        while let Some(endpoint) = queue.pop_front() {
+        while !queue.is_empty() {
+            let endpoint = queue.remove(0);
             let now = if std::mem::take(&mut first) {
                 started
             } else {
