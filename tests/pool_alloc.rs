@@ -29,10 +29,11 @@ async fn per_call<F: AsyncFnMut()>(mut call: F) -> f64 {
 }
 
 /// The most allocations a read through the pool may add to sqlx's own, per call: the
-/// endpoint loop's boxed future (large, kept out of the call's future, which is moved). 6
-/// when first counted here; 3 while the endpoints in the order they are tried were a `Vec`
-/// and the call was wrapped for a span that records nothing.
-const READ_EXTRA_AT_MOST: f64 = 1.5;
+/// statement's boxed future (its type erased, so the call's future stays `Send`) and the
+/// endpoint loop's (large, kept out of the call's future, which is moved), about 2; sqlx's
+/// own count on this thread moves between 3.4 and 4 with its SQLite worker's timing. 6 when
+/// first counted here; 3 while the endpoints in the order they are tried were a `Vec`.
+const READ_EXTRA_AT_MOST: f64 = 3.0;
 
 #[test]
 fn a_read_allocates_a_few_times_more_than_sqlx_alone() {
