@@ -1,6 +1,7 @@
 //! The default cache: in this process, on moka, bounded by the bytes it holds.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Cache, CacheError, CacheFuture, CachedValue};
@@ -12,6 +13,12 @@ use super::{Cache, CacheError, CacheFuture, CachedValue};
 /// top). A count of entries alone would not bound memory: 10,000 results of a few megabytes
 /// each are gigabytes. When full, the entries least likely to be used again are evicted
 /// first; a value heavier than the whole cache is refused.
+///
+/// A cached read stores its result every time the database answers. When the key already
+/// holds the same bytes with the same time to live, stored less than a hundredth of that time
+/// before, the store is skipped: the entry keeps its earlier storage time, so it expires and
+/// reports an age at most 1 % of its time to live sooner and older than a fresh store would.
+/// A hot key then costs a lookup per read instead of a new entry per read.
 ///
 /// ```
 /// use protected_pool::cache::MemoryCache;
@@ -26,11 +33,17 @@ pub struct MemoryCache {
     max_bytes: u64,
 }
 
+/// Shared: moka hands out a clone of the entry on every read, and a store first reads what
+/// the key holds.
 #[derive(Clone)]
 struct Entry {
-    value: CachedValue,
+    value: Arc<CachedValue>,
     ttl: Duration,
 }
+
+/// A result equal to the one a key holds, stored less than this part of its time to live
+/// before, is not stored again: see [`MemoryCache`].
+const RESTORE_AFTER_TTL_PART: u32 = 100;
 
 /// Expires each entry after the time to live it was stored with.
 struct PerEntryTtl;
@@ -142,7 +155,13 @@ impl fmt::Debug for MemoryCache {
 
 impl Cache for MemoryCache {
     fn get<'a>(&'a self, key: &'a str) -> CacheFuture<'a, Option<CachedValue>> {
-        Box::pin(async move { Ok(self.entries.get(key).await.map(|entry| entry.value)) })
+        Box::pin(async move {
+            Ok(self
+                .entries
+                .get(key)
+                .await
+                .map(|entry| CachedValue::clone(&entry.value)))
+        })
     }
 
     /// Stores `value`, or refuses one heavier than the whole cache, leaving what `key` held.
@@ -157,6 +176,17 @@ impl Cache for MemoryCache {
                     self.max_bytes
                 )));
             }
+            if let Some(held) = self.entries.get(key).await
+                && held.ttl == ttl
+                && value
+                    .stored_at_time()
+                    .duration_since(held.value.stored_at_time())
+                    .is_ok_and(|since| since < ttl / RESTORE_AFTER_TTL_PART)
+                && held.value.payload() == value.payload()
+            {
+                return Ok(());
+            }
+            let value = Arc::new(value);
             self.entries
                 .insert(key.to_owned(), Entry { value, ttl })
                 .await;
@@ -171,6 +201,8 @@ impl Cache for MemoryCache {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
 
     #[tokio::test]
@@ -189,5 +221,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(cache.get("short").await.unwrap(), None);
         assert_eq!(cache.get("long").await.unwrap(), Some(value));
+    }
+
+    /// What `key` holds now: its storage time and payload.
+    async fn held(cache: &MemoryCache, key: &str) -> (SystemTime, Vec<u8>) {
+        let value = cache
+            .get(key)
+            .await
+            .unwrap()
+            .expect("the key holds a value");
+        (value.stored_at_time(), value.payload().to_vec())
+    }
+
+    #[tokio::test]
+    async fn the_same_result_again_soon_is_not_stored_again() {
+        let cache = MemoryCache::default();
+        let ttl = Duration::from_secs(100);
+        let first = SystemTime::now();
+        let put = |payload: &[u8], at: SystemTime, ttl: Duration| {
+            cache.put("k", CachedValue::stored_at(payload.to_vec(), at), ttl)
+        };
+        put(b"1", first, ttl).await.unwrap();
+        // The same bytes within a hundredth of the TTL: the first store stands.
+        put(b"1", first + Duration::from_millis(900), ttl)
+            .await
+            .unwrap();
+        assert_eq!(held(&cache, "k").await, (first, b"1".to_vec()));
+        // Different bytes are stored at once.
+        let changed = first + Duration::from_millis(950);
+        put(b"2", changed, ttl).await.unwrap();
+        assert_eq!(held(&cache, "k").await, (changed, b"2".to_vec()));
+        // The same bytes once a hundredth of the TTL has passed: stored again.
+        let later = changed + Duration::from_secs(1);
+        put(b"2", later, ttl).await.unwrap();
+        assert_eq!(held(&cache, "k").await, (later, b"2".to_vec()));
+        // The same bytes with another TTL: stored, with that TTL.
+        let other_ttl = later + Duration::from_millis(1);
+        put(b"2", other_ttl, Duration::from_secs(1000))
+            .await
+            .unwrap();
+        assert_eq!(held(&cache, "k").await, (other_ttl, b"2".to_vec()));
     }
 }
