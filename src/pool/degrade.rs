@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
@@ -131,12 +132,17 @@ impl<DB: Backend> PoolInner<DB> {
                 Err(error) => Err(error),
             }
         };
-        // Entering a span that records nothing still costs, on every poll.
-        if span.is_disabled() {
-            return served.await;
+        // Entering a span that records nothing still costs, on every poll. One future either
+        // way: two awaits would hold the call twice over in this one's state.
+        let served = if span.is_disabled() {
+            Either::Left(served)
+        } else {
+            Either::Right(served.instrument(span.clone()))
         }
-        let served = served.instrument(span.clone()).await;
-        record_outcome(&span, &served);
+        .await;
+        if !span.is_disabled() {
+            record_outcome(&span, &served);
+        }
         served
     }
 

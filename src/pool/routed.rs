@@ -7,6 +7,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::query::{Map, Query};
@@ -78,23 +79,30 @@ impl<'p, DB: Backend, Q, C> Routed<'p, DB, Q, C> {
     }
 }
 
+/// The value of a call whose caller did not ask where it came from. A combinator rather than
+/// an `async` block around the call: such a block keeps the call's future twice in its state
+/// (once as captured, once as awaited), and a call's future is moved several times.
+fn unserved<T>(served: Result<Served<T>>) -> Result<T> {
+    served.map(Served::into_inner)
+}
+
 impl<'p, DB: Backend, Q: RoutableQuery<DB>, C> Routed<'p, DB, Q, C> {
     /// Exactly one row; no row is an error of class `Query`.
     pub fn fetch_one(self) -> impl Future<Output = Result<Q::Output>> + Send + 'p {
         let call = self.degradable().run(Q::fetch_one_on, true, None);
-        async move { call.await.map(Served::into_inner) }
+        call.map(unserved)
     }
 
     /// At most one row.
     pub fn fetch_optional(self) -> impl Future<Output = Result<Option<Q::Output>>> + Send + 'p {
         let call = self.degradable().run(Q::fetch_optional_on, true, None);
-        async move { call.await.map(Served::into_inner) }
+        call.map(unserved)
     }
 
     /// Every row.
     pub fn fetch_all(self) -> impl Future<Output = Result<Vec<Q::Output>>> + Send + 'p {
         let call = self.degradable().run(Q::fetch_all_on, true, None);
-        async move { call.await.map(Served::into_inner) }
+        call.map(unserved)
     }
 
     /// Every row, as a stream, read as the caller goes. Until the first row arrives the
@@ -254,7 +262,7 @@ where
     pub fn execute(self) -> impl Future<Output = Result<DB::QueryResult>> + Send + 'p {
         // A statement run for its effect may write: never repeat it on another endpoint.
         let call = self.degradable().run(execute_on::<DB>, false, None);
-        async move { call.await.map(Served::into_inner) }
+        call.map(unserved)
     }
 }
 
@@ -269,7 +277,7 @@ where
     /// driver's result (rows affected, ...).
     pub fn execute(self) -> impl Future<Output = Result<DB::QueryResult>> + Send + 'p {
         let call = self.degradable().run(execute_on::<DB>, false, None);
-        async move { call.await.map(Served::into_inner) }
+        call.map(unserved)
     }
 }
 
