@@ -233,19 +233,12 @@ impl<DB: Backend> ConnectionManager<DB> {
     }
 }
 
-impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
-    type Type = PooledConnection<DB>;
-    type Error = sqlx::Error;
-
-    async fn create(&self) -> Result<Self::Type, Self::Error> {
-        begin_work();
+impl<DB: Backend> ConnectionManager<DB> {
+    /// Opens a connection and asks the server what it is: see `create`.
+    async fn open(&self) -> Result<PooledConnection<DB>, sqlx::Error> {
         // Our own timeout, so a server that accepts TCP but never answers fails with a
         // timeout after connect_timeout, and a refused connection fails at once with its cause.
-        // Boxed: the driver's connect future is large (about 1.9 kB for PostgreSQL) and would
-        // otherwise sit inline in every checkout future, and so in every call's future, which
-        // is moved several times per call: this cold path made the hot one copy 40 kB.
-        let connect = Box::pin(self.options.connect());
-        let raw = match tokio::time::timeout(self.connect_timeout, connect).await {
+        let raw = match tokio::time::timeout(self.connect_timeout, self.options.connect()).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => {
                 self.roles.observe(None);
@@ -297,6 +290,18 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })
     }
+}
+
+impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
+    type Type = PooledConnection<DB>;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        begin_work();
+        // Boxed: this future sits inside every checkout's, and so inside every call's, which
+        // is moved and, with many calls in flight, held once per call.
+        Box::pin(self.open()).await
+    }
 
     async fn recycle(
         &self,
@@ -325,7 +330,8 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             // Bounded here rather than by deadpool's recycle timeout, which would arm a timer
             // on every checkout, pinged or not. A ping that hangs drops the connection and
             // the pool opens another.
-            match tokio::time::timeout(self.connect_timeout, connection.raw.ping()).await {
+            match tokio::time::timeout(self.connect_timeout, Box::pin(connection.raw.ping())).await
+            {
                 Ok(pinged) => pinged.map_err(|error| {
                     // Dead while it sat in the pool: its siblings very likely died with it.
                     self.connection_lost();

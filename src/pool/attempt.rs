@@ -379,7 +379,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
             let alive = tokio::select! {
                 biased;
                 result = &mut run => return Ok(result),
-                alive = self.endpoint.answers(limit) => alive,
+                alive = Box::pin(self.endpoint.answers(limit)) => alive,
             };
             if !alive {
                 return Err(Stalled { hung: true });

@@ -129,7 +129,7 @@ impl<DB: Backend> PoolInner<DB> {
                 // it is, so this call (if it may move) and the next ones go to the primary
                 // of the moment.
                 rediscovered = true;
-                self.rediscover(deadline).await;
+                Box::pin(self.rediscover(deadline)).await;
             }
             if !go_on {
                 return Err(call_error(route, tried, endpoint, failed));
