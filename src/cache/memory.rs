@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::lately::{Lately, Stamp};
 use super::{Cache, CacheError, CacheFuture, CachedValue};
 
 /// A bounded in-memory cache (moka), each entry expiring after its own time to live.
@@ -14,11 +15,12 @@ use super::{Cache, CacheError, CacheFuture, CachedValue};
 /// each are gigabytes. When full, the entries least likely to be used again are evicted
 /// first; a value heavier than the whole cache is refused.
 ///
-/// A cached read stores its result every time the database answers. When the key already
-/// holds the same bytes with the same time to live, stored less than a hundredth of that time
-/// before, the store is skipped: the entry keeps its earlier storage time, so it expires and
-/// reports an age at most 1 % of its time to live sooner and older than a fresh store would.
-/// A hot key then costs a lookup per read instead of a new entry per read.
+/// A cached read stores its result every time the database answers. When this cache stored
+/// the same bytes under the key with the same time to live less than a hundredth of that
+/// time before, the store is skipped: the entry keeps its earlier storage time, so it expires
+/// and reports an age at most 1 % of its time to live sooner and older than a fresh store
+/// would (and an entry evicted meanwhile to make room comes back at most that much later).
+/// A hot key then costs two hashes per read instead of a new entry per read.
 ///
 /// ```
 /// use protected_pool::cache::MemoryCache;
@@ -30,19 +32,18 @@ use super::{Cache, CacheError, CacheFuture, CachedValue};
 #[derive(Clone)]
 pub struct MemoryCache {
     entries: moka::future::Cache<String, Entry>,
+    lately: Arc<Lately>,
     max_bytes: u64,
 }
 
-/// Shared: moka hands out a clone of the entry on every read, and a store first reads what
-/// the key holds.
 #[derive(Clone)]
 struct Entry {
-    value: Arc<CachedValue>,
+    value: CachedValue,
     ttl: Duration,
 }
 
-/// A result equal to the one a key holds, stored less than this part of its time to live
-/// before, is not stored again: see [`MemoryCache`].
+/// A result stored less than this part of its time to live before is not stored again: see
+/// [`MemoryCache`].
 const RESTORE_AFTER_TTL_PART: u32 = 100;
 
 /// Expires each entry after the time to live it was stored with.
@@ -103,7 +104,11 @@ impl MemoryCache {
             })
             .expire_after(PerEntryTtl)
             .build();
-        Self { entries, max_bytes }
+        Self {
+            entries,
+            lately: Arc::new(Lately::new()),
+            max_bytes,
+        }
     }
 
     /// The most bytes of keys and payloads this cache holds.
@@ -155,13 +160,7 @@ impl fmt::Debug for MemoryCache {
 
 impl Cache for MemoryCache {
     fn get<'a>(&'a self, key: &'a str) -> CacheFuture<'a, Option<CachedValue>> {
-        Box::pin(async move {
-            Ok(self
-                .entries
-                .get(key)
-                .await
-                .map(|entry| CachedValue::clone(&entry.value)))
-        })
+        Box::pin(async move { Ok(self.entries.get(key).await.map(|entry| entry.value)) })
     }
 
     /// Stores `value`, or refuses one heavier than the whole cache, leaving what `key` held.
@@ -176,20 +175,18 @@ impl Cache for MemoryCache {
                     self.max_bytes
                 )));
             }
-            if let Some(held) = self.entries.get(key).await
-                && held.ttl == ttl
-                && value
-                    .stored_at_time()
-                    .duration_since(held.value.stored_at_time())
-                    .is_ok_and(|since| since < ttl / RESTORE_AFTER_TTL_PART)
-                && held.value.payload() == value.payload()
+            let stamp = Stamp::of(key, ttl, value.payload());
+            let at = value.stored_at_millis();
+            if self
+                .lately
+                .stored_within(stamp, at, ttl / RESTORE_AFTER_TTL_PART)
             {
                 return Ok(());
             }
-            let value = Arc::new(value);
             self.entries
                 .insert(key.to_owned(), Entry { value, ttl })
                 .await;
+            self.lately.note(stamp, at);
             Ok(())
         })
     }

@@ -8,6 +8,7 @@
 //! (a Redis server that is down, a value that no longer decodes) never fails a read: its errors
 //! are logged, counted in metrics and otherwise ignored.
 
+mod lately;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -74,6 +75,15 @@ impl CachedValue {
         self.stored_at
     }
 
+    /// When the value was stored, in milliseconds since the Unix epoch (0 before it).
+    pub(crate) fn stored_at_millis(&self) -> u64 {
+        self.stored_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            })
+    }
+
     /// How long ago the value was stored (zero if the clock went back).
     pub fn age(&self) -> Duration {
         SystemTime::now()
@@ -89,12 +99,7 @@ impl CachedValue {
     /// The value as one byte string for a remote store: the storage time in milliseconds
     /// since the Unix epoch (8 bytes, big-endian), then the payload.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let millis = self
-            .stored_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
+        let millis = self.stored_at_millis();
         let mut bytes = Vec::with_capacity(8 + self.payload.len());
         bytes.extend_from_slice(&millis.to_be_bytes());
         bytes.extend_from_slice(&self.payload);
