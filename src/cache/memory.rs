@@ -1,7 +1,7 @@
 //! The default cache: in this process, on moka, bounded by the bytes it holds.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::lately::{Lately, Stamp};
@@ -32,7 +32,10 @@ use super::{Cache, CacheError, CacheFuture, CachedValue};
 #[derive(Clone)]
 pub struct MemoryCache {
     entries: moka::future::Cache<String, Entry>,
-    lately: Arc<Lately>,
+    /// Made on the first store: a pool that caches nothing pays nothing for it.
+    lately: Arc<OnceLock<Lately>>,
+    /// About how many entries fit.
+    entries_hint: u64,
     max_bytes: u64,
 }
 
@@ -106,7 +109,8 @@ impl MemoryCache {
             .build();
         Self {
             entries,
-            lately: Arc::new(Lately::new()),
+            lately: Arc::new(OnceLock::new()),
+            entries_hint: max_bytes / least.max(1),
             max_bytes,
         }
     }
@@ -177,16 +181,14 @@ impl Cache for MemoryCache {
             }
             let stamp = Stamp::of(key, ttl, value.payload());
             let at = value.stored_at_millis();
-            if self
-                .lately
-                .stored_within(stamp, at, ttl / RESTORE_AFTER_TTL_PART)
-            {
+            let lately = self.lately.get_or_init(|| Lately::new(self.entries_hint));
+            if lately.stored_within(stamp, at, ttl / RESTORE_AFTER_TTL_PART) {
                 return Ok(());
             }
             self.entries
                 .insert(key.to_owned(), Entry { value, ttl })
                 .await;
-            self.lately.note(stamp, at);
+            lately.note(stamp, at);
             Ok(())
         })
     }
