@@ -193,7 +193,9 @@ async fn pool_futures_are_send_and_spawnable() {
 /// A call's future is moved several times per call (into the task, through the span): it
 /// must stay small. A connect future stored inline once made a read's future 42 kB, and the
 /// copies a tenth of the pool's CPU time; an `async` block around the call, which holds the
-/// call's future twice, made it 3,080 bytes (1,544 without).
+/// call's future twice, made it 3,080 bytes (1,544 without). The endpoint loop's future is
+/// held inline (3,840 bytes in all): boxing it cost an allocation and a copy of all of it on
+/// every call, more than the moves of the larger future.
 #[test]
 fn call_futures_stay_small() {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -233,6 +235,6 @@ fn call_futures_stay_small() {
     ];
     for (call, size) in sizes {
         println!("the future of a {call}: {size} bytes");
-        assert!(size <= 2048, "the future of a {call} is {size} bytes");
+        assert!(size <= 4096, "the future of a {call} is {size} bytes");
     }
 }

@@ -135,7 +135,8 @@ impl<'p, DB: Backend> OnRoute<'p, DB> {
         let route = self.route;
         async move {
             let operation = &*operation;
-            let call = Box::pin(inner.failover(route, Replay::Never, Erased(operation)));
+            // Inline: the whole future is boxed once just below.
+            let call = std::pin::pin!(inner.failover(route, Replay::Never, Erased(operation)));
             let served = inner.degrade(Plan::bare(route), call).await;
             served.map(Served::into_inner).map_err(to_sqlx)
         }
