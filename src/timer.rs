@@ -28,17 +28,15 @@ impl<'a> Timer<'a> {
 
     /// Ready once `deadline` has passed; registers the waker otherwise.
     pub(crate) fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        if let Some(mut sleep) = self.sleep.as_mut().as_pin_mut() {
-            if sleep.deadline() != deadline {
-                sleep.as_mut().reset(deadline);
-            }
-            return sleep.poll(cx);
-        }
-        self.sleep.set(Some(tokio::time::sleep_until(deadline)));
         match self.sleep.as_mut().as_pin_mut() {
-            Some(sleep) => sleep.poll(cx),
-            None => Poll::Ready(()),
+            Some(mut sleep) if sleep.deadline() != deadline => sleep.as_mut().reset(deadline),
+            Some(_) => {}
+            None => self.sleep.set(Some(tokio::time::sleep_until(deadline))),
         }
+        self.sleep
+            .as_mut()
+            .as_pin_mut()
+            .map_or(Poll::Ready(()), |sleep| sleep.poll(cx))
     }
 
     /// `future`'s output, or `None` when `deadline` passes first. The future is polled first,
@@ -48,12 +46,21 @@ impl<'a> Timer<'a> {
         deadline: Instant,
         future: F,
     ) -> Option<F::Output> {
+        self.race(future, || deadline).await
+    }
+
+    /// `future` against the timer, the deadline asked for only once the future has to wait.
+    async fn race<F: Future>(
+        &mut self,
+        future: F,
+        mut deadline: impl FnMut() -> Instant,
+    ) -> Option<F::Output> {
         let mut future = pin!(future);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = future.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
             }
-            self.poll_until(deadline, cx).map(|()| None)
+            self.poll_until(deadline(), cx).map(|()| None)
         })
         .await
     }
@@ -63,18 +70,13 @@ impl<'a> Timer<'a> {
 /// `tokio::time::timeout`, the clock is read and a timer made only if the future is not ready
 /// at once (as a memory cache always is).
 pub(crate) async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
-    let mut future = pin!(future);
     let mut slot = pin!(None);
-    let mut timer = Timer::new(slot.as_mut());
     let mut deadline = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = future.as_mut().poll(cx) {
-            return Poll::Ready(Some(output));
-        }
-        let deadline = *deadline.get_or_insert_with(|| Instant::now() + limit);
-        timer.poll_until(deadline, cx).map(|()| None)
-    })
-    .await
+    Timer::new(slot.as_mut())
+        .race(future, || {
+            *deadline.get_or_insert_with(|| Instant::now() + limit)
+        })
+        .await
 }
 
 #[cfg(test)]
