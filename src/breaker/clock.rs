@@ -39,6 +39,11 @@ impl SystemClock {
     pub(crate) fn now_nanos(&self) -> u64 {
         os_nanos().saturating_sub(self.origin)
     }
+
+    /// How far apart two readings that differ can be: the scheduler tick on Linux.
+    pub(crate) fn resolution() -> Duration {
+        os_resolution()
+    }
 }
 
 impl Default for SystemClock {
@@ -61,6 +66,18 @@ fn os_nanos() -> u64 {
     (ts.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64)
+}
+
+#[cfg(target_os = "linux")]
+fn os_resolution() -> Duration {
+    let ts = rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn os_resolution() -> Duration {
+    // `Instant` reads to the nanosecond, near enough.
+    Duration::from_nanos(1)
 }
 
 #[cfg(not(target_os = "linux"))]

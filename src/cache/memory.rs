@@ -1,10 +1,8 @@
 //! The default cache: in this process, on moka, bounded by the bytes it holds.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::lately::{Lately, Stamp};
 use super::{Cache, CacheError, CacheFuture, CachedValue};
 
 /// A bounded in-memory cache (moka), each entry expiring after its own time to live.
@@ -14,13 +12,6 @@ use super::{Cache, CacheError, CacheFuture, CachedValue};
 /// top). A count of entries alone would not bound memory: 10,000 results of a few megabytes
 /// each are gigabytes. When full, the entries least likely to be used again are evicted
 /// first; a value heavier than the whole cache is refused.
-///
-/// A cached read stores its result every time the database answers. When this cache stored
-/// the same bytes under the key with the same time to live less than a hundredth of that
-/// time before, the store is skipped: the entry keeps its earlier storage time, so it expires
-/// and reports an age at most 1 % of its time to live sooner and older than a fresh store
-/// would (and an entry evicted meanwhile to make room comes back at most that much later).
-/// A hot key then costs two hashes per read instead of a new entry per read.
 ///
 /// ```
 /// use protected_pool::cache::MemoryCache;
@@ -32,8 +23,6 @@ use super::{Cache, CacheError, CacheFuture, CachedValue};
 #[derive(Clone)]
 pub struct MemoryCache {
     entries: moka::future::Cache<String, Entry>,
-    /// Made on the first store: a pool that caches nothing pays nothing for it.
-    lately: Arc<OnceLock<Lately>>,
     /// About how many entries fit.
     entries_hint: u64,
     max_bytes: u64,
@@ -44,10 +33,6 @@ struct Entry {
     value: CachedValue,
     ttl: Duration,
 }
-
-/// A result stored less than this part of its time to live before is not stored again: see
-/// [`MemoryCache`].
-const RESTORE_AFTER_TTL_PART: u32 = 100;
 
 /// Expires each entry after the time to live it was stored with.
 struct PerEntryTtl;
@@ -109,10 +94,14 @@ impl MemoryCache {
             .build();
         Self {
             entries,
-            lately: Arc::new(OnceLock::new()),
             entries_hint: max_bytes / least.max(1),
             max_bytes,
         }
+    }
+
+    /// About how many values fit: the entry bound, or the byte bound over one byte each.
+    pub(crate) fn entries_hint(&self) -> u64 {
+        self.entries_hint
     }
 
     /// The most bytes of keys and payloads this cache holds.
@@ -179,16 +168,9 @@ impl Cache for MemoryCache {
                     self.max_bytes
                 )));
             }
-            let stamp = Stamp::of(key, ttl, value.payload());
-            let at = value.stored_at_millis();
-            let lately = self.lately.get_or_init(|| Lately::new(self.entries_hint));
-            if lately.stored_within(stamp, at, ttl / RESTORE_AFTER_TTL_PART) {
-                return Ok(());
-            }
             self.entries
                 .insert(key.to_owned(), Entry { value, ttl })
                 .await;
-            lately.note(stamp, at);
             Ok(())
         })
     }
@@ -200,8 +182,6 @@ impl Cache for MemoryCache {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
 
     #[tokio::test]
@@ -220,45 +200,5 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(cache.get("short").await.unwrap(), None);
         assert_eq!(cache.get("long").await.unwrap(), Some(value));
-    }
-
-    /// What `key` holds now: its storage time and payload.
-    async fn held(cache: &MemoryCache, key: &str) -> (SystemTime, Vec<u8>) {
-        let value = cache
-            .get(key)
-            .await
-            .unwrap()
-            .expect("the key holds a value");
-        (value.stored_at_time(), value.payload().to_vec())
-    }
-
-    #[tokio::test]
-    async fn the_same_result_again_soon_is_not_stored_again() {
-        let cache = MemoryCache::default();
-        let ttl = Duration::from_secs(100);
-        let first = SystemTime::now();
-        let put = |payload: &[u8], at: SystemTime, ttl: Duration| {
-            cache.put("k", CachedValue::stored_at(payload.to_vec(), at), ttl)
-        };
-        put(b"1", first, ttl).await.unwrap();
-        // The same bytes within a hundredth of the TTL: the first store stands.
-        put(b"1", first + Duration::from_millis(900), ttl)
-            .await
-            .unwrap();
-        assert_eq!(held(&cache, "k").await, (first, b"1".to_vec()));
-        // Different bytes are stored at once.
-        let changed = first + Duration::from_millis(950);
-        put(b"2", changed, ttl).await.unwrap();
-        assert_eq!(held(&cache, "k").await, (changed, b"2".to_vec()));
-        // The same bytes once a hundredth of the TTL has passed: stored again.
-        let later = changed + Duration::from_secs(1);
-        put(b"2", later, ttl).await.unwrap();
-        assert_eq!(held(&cache, "k").await, (later, b"2".to_vec()));
-        // The same bytes with another TTL: stored, with that TTL.
-        let other_ttl = later + Duration::from_millis(1);
-        put(b"2", other_ttl, Duration::from_secs(1000))
-            .await
-            .unwrap();
-        assert_eq!(held(&cache, "k").await, (other_ttl, b"2".to_vec()));
     }
 }

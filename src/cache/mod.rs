@@ -2,13 +2,14 @@
 //! endpoint can answer.
 //!
 //! A read opts in with [`Routed::cached`](crate::Routed::cached). Every successful result is
-//! stored, serialized as JSON, under the caller's key for the caller's time to live; when every
+//! stored, serialized as JSON, under the caller's key for the caller's time to live (unless the
+//! pool stored the same result there less than a hundredth of that time before); when every
 //! endpoint fails or refuses, the stored value is returned instead of the error, together with
 //! its age. The cache is never consulted while an endpoint can serve, and a cache that fails
 //! (a Redis server that is down, a value that no longer decodes) never fails a read: its errors
 //! are logged, counted in metrics and otherwise ignored.
 
-mod lately;
+pub(crate) mod lately;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -76,7 +77,7 @@ impl CachedValue {
     }
 
     /// When the value was stored, in milliseconds since the Unix epoch (0 before it).
-    pub(crate) fn stored_at_millis(&self) -> u64 {
+    fn stored_at_millis(&self) -> u64 {
         self.stored_at
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {

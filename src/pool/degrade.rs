@@ -15,6 +15,7 @@ use super::PoolInner;
 use super::attempt::Done;
 use crate::backend::Backend;
 use crate::cache::CachedValue;
+use crate::cache::lately::Stamp;
 use crate::error::{Error, Result};
 use crate::fallback::{
     AsyncOutcome, FallbackContext, FallbackFailure, FallbackRequest, OwnFallback, RouteFallback,
@@ -26,11 +27,12 @@ use crate::telemetry;
 /// Where and how long a read's results are cached, and how a result of type `T` is
 /// (de)serialized.
 pub(crate) struct CacheRequest<T> {
-    /// The caller's key, scoped by route and result type (see [`CacheRequest::json`]).
-    pub(crate) key: String,
-    /// Where the caller's own key starts in `key`.
-    own_key_at: usize,
+    route: Route,
+    /// The key the caller gave; stored scoped by route and result type (see
+    /// [`CacheRequest::key`]).
+    own_key: String,
     pub(crate) ttl: Duration,
+    stamp: fn(&Self, &T) -> Option<Stamp>,
     encode: fn(&T) -> serde_json::Result<Vec<u8>>,
     decode: fn(&[u8]) -> serde_json::Result<T>,
 }
@@ -38,20 +40,39 @@ pub(crate) struct CacheRequest<T> {
 impl<T> CacheRequest<T> {
     /// The key the caller gave.
     pub(crate) fn own_key(&self) -> &str {
-        &self.key[self.own_key_at..]
+        &self.own_key
+    }
+
+    /// The key the result is stored under, `{route}:{result type}:{key}`: two calls that
+    /// happen to share a key but not a route or a result type (a user and a count of users,
+    /// one row and every row) must not serve each other's data. Made when the cache is
+    /// used, not on every read.
+    fn key(&self) -> String {
+        let (route, type_name) = (self.route.as_str(), std::any::type_name::<T>());
+        let mut key = String::with_capacity(route.len() + type_name.len() + self.own_key.len() + 2);
+        for part in [route, ":", type_name, ":", &self.own_key] {
+            key.push_str(part);
+        }
+        key
     }
 }
 
 impl<T: Serialize + DeserializeOwned> CacheRequest<T> {
-    /// The caller's `key`, stored as `{route}:{result type}:{key}`: two calls that happen to
-    /// share a key but not a route or a result type (a user and a count of users, one row
-    /// and every row) must not serve each other's data.
-    pub(crate) fn json(route: Route, key: &str, ttl: Duration) -> Self {
-        let scope = format!("{route}:{}:", std::any::type_name::<T>());
+    /// The caller's `key` and `ttl` for results of `route`, stored as JSON.
+    pub(crate) fn json(route: Route, key: String, ttl: Duration) -> Self {
         Self {
-            own_key_at: scope.len(),
-            key: scope + key,
+            route,
+            own_key: key,
             ttl,
+            stamp: |request, value| {
+                Stamp::of(
+                    request.route,
+                    std::any::type_name::<T>(),
+                    &request.own_key,
+                    request.ttl,
+                    value,
+                )
+            },
             encode: |value| serde_json::to_vec(value),
             decode: |bytes| serde_json::from_slice(bytes),
         }
@@ -120,11 +141,12 @@ impl<DB: Backend> PoolInner<DB> {
             .then(tokio::time::Instant::now);
             match call.await {
                 Ok(Done { value, endpoint }) => {
-                    if let Some(request) = &plan.cache {
-                        // Encoded first: the value itself is not held across the cache's await.
-                        if let Some(payload) = self.encode(request, &value) {
-                            self.store(request, payload).await;
-                        }
+                    // Worked out first: the value itself is not borrowed across the cache's
+                    // await.
+                    if let Some(request) = &plan.cache
+                        && let Some((payload, stamp)) = self.to_store(request, &value)
+                    {
+                        self.store(request, payload, stamp).await;
                     }
                     Ok(Served::new(value, Source::Database { endpoint }))
                 }
@@ -146,28 +168,47 @@ impl<DB: Backend> PoolInner<DB> {
         served
     }
 
+    /// What to store for a result the database answered with, and its stamp: nothing when
+    /// the same result was stored under its key less than a hundredth of its TTL ago.
+    fn to_store<T>(
+        &self,
+        request: &CacheRequest<T>,
+        value: &T,
+    ) -> Option<(Vec<u8>, Option<Stamp>)> {
+        let stamp = (request.stamp)(request, value);
+        if stamp.is_some_and(|stamp| self.recent_stores.stored_lately(stamp, request.ttl)) {
+            return None;
+        }
+        Some((self.encode(request, value)?, stamp))
+    }
+
     fn encode<T>(&self, request: &CacheRequest<T>, value: &T) -> Option<Vec<u8>> {
         (request.encode)(value)
             .inspect_err(|error| {
                 telemetry::cache_error(self.cache.kind(), "encode");
-                tracing::warn!(key = %request.key, %error, "result not cached: it does not serialize");
+                tracing::warn!(key = %request.key(), %error, "result not cached: it does not serialize");
             })
             .ok()
     }
 
-    async fn store<T>(&self, request: &CacheRequest<T>, payload: Vec<u8>) {
+    /// Stores `payload`; once the cache took it, notes `stamp` among the recent stores.
+    async fn store<T>(&self, request: &CacheRequest<T>, payload: Vec<u8>, stamp: Option<Stamp>) {
         let kind = self.cache.kind();
-        let put = self
-            .cache
-            .put(&request.key, CachedValue::new(payload), request.ttl);
+        let key = request.key();
+        let put = self.cache.put(&key, CachedValue::new(payload), request.ttl);
         // No timer unless the cache makes the call wait (a memory cache never does).
         let failure = match crate::timer::within(self.cache_timeout, put).await {
-            Some(Ok(())) => return,
+            Some(Ok(())) => {
+                if let Some(stamp) = stamp {
+                    self.recent_stores.note(stamp);
+                }
+                return;
+            }
             Some(Err(error)) => error.to_string(),
             None => format!("no answer within {:?}", self.cache_timeout),
         };
         telemetry::cache_error(kind, "put");
-        tracing::debug!(key = %request.key, cache = kind, error = %failure, "result not cached");
+        tracing::debug!(%key, cache = kind, error = %failure, "result not cached");
     }
 
     /// No endpoint could serve: the cache, the call's fallback, the route's fallback, in that
@@ -184,7 +225,7 @@ impl<DB: Backend> PoolInner<DB> {
             && let Some((value, age)) = self.lookup(route, request).await
         {
             telemetry::served_without_endpoint(route, "cache");
-            tracing::debug!(key = %request.key, ?age, %error, "served from the cache");
+            tracing::debug!(key = request.own_key(), ?age, %error, "served from the cache");
             return Ok(Served::new(value, Source::Cache { age, cause: error }));
         }
         // Sync fallbacks run at once; when one may be async, they all run on a boxed future,
@@ -297,7 +338,8 @@ impl<DB: Backend> PoolInner<DB> {
     /// decodes are all `None`.
     async fn lookup<T>(&self, route: Route, request: &CacheRequest<T>) -> Option<(T, Duration)> {
         let kind = self.cache.kind();
-        let get = self.cache.get(&request.key);
+        let key = request.key();
+        let get = self.cache.get(&key);
         let failure = match tokio::time::timeout(self.cache_timeout, get).await {
             Ok(Ok(Some(cached))) => match (request.decode)(cached.payload()) {
                 Ok(value) => {
@@ -323,7 +365,7 @@ impl<DB: Backend> PoolInner<DB> {
             }
         };
         telemetry::cache_lookup(route, "error");
-        tracing::warn!(key = %request.key, cache = kind, error = %failure, "cache fallback failed");
+        tracing::warn!(%key, cache = kind, error = %failure, "cache fallback failed");
         None
     }
 }

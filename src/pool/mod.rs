@@ -47,6 +47,7 @@ pub use topology::ClusterEvent;
 use crate::backend::Backend;
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::cache::Cache;
+use crate::cache::lately::RecentStores;
 use crate::classify::Classifier;
 use crate::config::PoolConfig;
 use crate::endpoint::{Endpoint, PoolStatus};
@@ -129,6 +130,8 @@ pub(crate) struct PoolInner<DB: Backend> {
     cache: Arc<dyn Cache>,
     /// The longest a cache operation may take before it counts as a miss.
     cache_timeout: Duration,
+    /// What was stored in the cache lately, not to store it again.
+    recent_stores: RecentStores,
     fallbacks: RouteFallbacks,
     /// The key table of keyed writes.
     keys: keyed::Keys,

@@ -216,6 +216,11 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>> Routed<'p, DB, Q, Cacheable> {
     /// scoped by route and result type, so calls that share a key but not a type never serve
     /// each other's data. Not on writes.
     ///
+    /// A result the pool stored under the key with the same `ttl` less than `ttl / 100`
+    /// before is not stored again (its hash is compared, nothing is serialized): the entry
+    /// then expires, and reports an age, at most 1 % of `ttl` sooner and older than a fresh
+    /// store would, and one the cache evicted meanwhile comes back at most that much later.
+    ///
     /// ```no_run
     /// # async fn demo(pool: protected_pool::ProtectedPool) -> protected_pool::Result<()> {
     /// use std::time::Duration;
@@ -448,9 +453,9 @@ impl<DB: Backend, Q: RoutableQuery<DB> + fmt::Debug, F, C> fmt::Debug
 /// How each `fetch_*` result of rows of type `O` goes in and out of the cache, fixed when
 /// [`Routed::cached`] checks that `O` is serializable.
 struct CacheCodecs<O> {
-    one: fn(Route, &str, Duration) -> CacheRequest<O>,
-    optional: fn(Route, &str, Duration) -> CacheRequest<Option<O>>,
-    all: fn(Route, &str, Duration) -> CacheRequest<Vec<O>>,
+    one: fn(Route, String, Duration) -> CacheRequest<O>,
+    optional: fn(Route, String, Duration) -> CacheRequest<Option<O>>,
+    all: fn(Route, String, Duration) -> CacheRequest<Vec<O>>,
 }
 
 impl<O: Serialize + DeserializeOwned> CacheCodecs<O> {
@@ -554,10 +559,10 @@ impl<'p, DB: Backend, Q: RoutableQuery<DB>, F, C> Degradable<'p, DB, Q, F, C> {
     /// The call's cache request, in the form of one `fetch_*`.
     fn take_cache<T>(
         &mut self,
-        pick: impl FnOnce(&CacheCodecs<Q::Output>) -> fn(Route, &str, Duration) -> CacheRequest<T>,
+        pick: impl FnOnce(&CacheCodecs<Q::Output>) -> fn(Route, String, Duration) -> CacheRequest<T>,
     ) -> Option<CacheRequest<T>> {
         let (key, ttl, codecs) = self.cache.take()?;
-        Some(pick(&codecs)(self.routed.route, &key, ttl))
+        Some(pick(&codecs)(self.routed.route, key, ttl))
     }
 
     /// Runs the query through the pool; `replayable` reads may be repeated on the next

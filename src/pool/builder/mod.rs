@@ -20,6 +20,7 @@ use super::topology::{ClusterEvent, ClusterListener, Topology};
 use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::breaker::BreakerConfig;
+use crate::cache::lately::RecentStores;
 use crate::cache::{Cache, MemoryCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::config::PoolConfig;
@@ -70,6 +71,8 @@ pub struct PoolBuilder<DB: Backend> {
     listeners: Vec<PoolListener>,
     cluster_listeners: Vec<ClusterListener>,
     cache: Option<Arc<dyn Cache>>,
+    /// About how many values `cache` holds, when it is a [`MemoryCache`].
+    cache_entries: Option<u64>,
     cache_timeout: Duration,
     fallbacks: RouteFallbacks,
     pub(super) idempotency: IdempotencyConfig,
@@ -129,6 +132,7 @@ impl<DB: Backend> PoolBuilder<DB> {
             listeners: Vec::new(),
             cluster_listeners: Vec::new(),
             cache: None,
+            cache_entries: None,
             cache_timeout: Duration::from_millis(250),
             fallbacks: RouteFallbacks::default(),
             idempotency: IdempotencyConfig::default(),
@@ -417,6 +421,10 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// Where [`cached`](crate::Routed::cached) reads keep their results (default: a
     /// [`MemoryCache`] of at most 10,000 values and 64 MiB).
     pub fn cache(mut self, cache: impl Cache) -> Self {
+        // The note of recent stores is sized to the cache, when the pool knows its size.
+        self.cache_entries = (&cache as &dyn std::any::Any)
+            .downcast_ref::<MemoryCache>()
+            .map(MemoryCache::entries_hint);
         self.cache = Some(Arc::new(cache));
         self
     }
@@ -600,6 +608,14 @@ impl<DB: Backend> PoolBuilder<DB> {
                 }
             }));
         }
+        let (cache, cache_entries) = match self.cache {
+            Some(cache) => (cache, self.cache_entries),
+            None => {
+                let cache = MemoryCache::default();
+                let entries = cache.entries_hint();
+                (Arc::new(cache) as Arc<dyn Cache>, Some(entries))
+            }
+        };
         let inner = Arc::new_cyclic(|me| PoolInner {
             me: me.clone(),
             endpoints,
@@ -613,10 +629,9 @@ impl<DB: Backend> PoolBuilder<DB> {
             probes: Probes::new(self.probes, count),
             classifier: self.classifier,
             listeners,
-            cache: self
-                .cache
-                .unwrap_or_else(|| Arc::new(MemoryCache::default())),
+            cache,
             cache_timeout: self.cache_timeout,
+            recent_stores: RecentStores::new(cache_entries),
             fallbacks: self.fallbacks,
             keys: Keys::new(self.idempotency, DB::SYSTEM),
             #[cfg(feature = "outbox")]
