@@ -13,6 +13,7 @@ use super::EndpointOptions;
 use super::after_connect::AfterConnect;
 use super::role::RoleState;
 use crate::backend::Backend;
+use crate::breaker::coarse_nanos;
 
 /// A pooled connection and what the pool needs to know about it. The flags are set only by
 /// [`Checkout`](super::Checkout), which owns the connection while it is out of the pool.
@@ -32,7 +33,10 @@ pub(crate) struct PooledConnection<DB: Backend> {
     /// When a caller last gave it back (or when it was opened): the health loop's own use
     /// does not count, so its checks do not keep an idle connection from timing out.
     pub(crate) used_at: Instant,
-    expires_at: Option<Instant>,
+    /// When it reaches its max lifetime, on the coarse clock ([`coarse_nanos`]).
+    expires_at: Option<u64>,
+    /// When it was opened or last handed out, on the coarse clock.
+    handed_out_at: u64,
     /// The endpoint's connection-loss count when this connection was last known good.
     checked_at_loss: u64,
 }
@@ -279,6 +283,7 @@ impl<DB: Backend> ConnectionManager<DB> {
                 )));
             }
         }
+        let coarse_at = coarse_nanos();
         Ok(PooledConnection {
             raw,
             busy: false,
@@ -286,7 +291,10 @@ impl<DB: Backend> ConnectionManager<DB> {
             server_pid: server_pid.filter(|_| !self.shared_servers),
             one_transaction_per_call: self.shared_servers,
             used_at: Instant::now(),
-            expires_at: self.lifetime().map(|lifetime| Instant::now() + lifetime),
+            expires_at: self
+                .lifetime()
+                .map(|lifetime| coarse_at.saturating_add(nanos(lifetime))),
+            handed_out_at: coarse_at,
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })
     }
@@ -306,7 +314,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
     async fn recycle(
         &self,
         connection: &mut Self::Type,
-        metrics: &Metrics,
+        _: &Metrics,
     ) -> RecycleResult<Self::Error> {
         begin_work();
         if connection.busy {
@@ -317,15 +325,15 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         if connection.broken {
             return Err(RecycleError::message("saw a connection error"));
         }
-        // One clock read for both checks.
-        let now = Instant::now();
+        // One reading of the coarse clock for both checks: lifetimes and idle checks are
+        // seconds to hours, and a precise reading on every checkout is measurable.
+        let now = coarse_nanos();
         if connection.expires_at.is_some_and(|at| now >= at) {
             return Err(RecycleError::message("reached its max lifetime"));
         }
-        let last_used = metrics.recycled.unwrap_or(metrics.created);
         let losses = self.losses.load(Ordering::Relaxed);
         if connection.checked_at_loss != losses
-            || now.saturating_duration_since(last_used) >= self.idle_check_after
+            || now.saturating_sub(connection.handed_out_at) >= nanos(self.idle_check_after)
         {
             // Bounded here rather than by deadpool's recycle timeout, which would arm a timer
             // on every checkout, pinged or not. A ping that hangs drops the connection and
@@ -346,6 +354,12 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
             }
             connection.checked_at_loss = losses;
         }
+        connection.handed_out_at = now;
         Ok(())
     }
+}
+
+/// `duration` in nanoseconds, saturating.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
