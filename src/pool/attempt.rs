@@ -9,7 +9,7 @@
 
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::PoolError;
 
@@ -48,6 +48,8 @@ pub(super) struct Failed {
 pub(super) struct Budget {
     /// The clock when the attempt starts.
     pub(super) now: Instant,
+    /// This endpoint's share of the time left, from `now`.
+    pub(super) share: Duration,
     /// The end of this endpoint's share: getting a connection must be done by then.
     pub(super) share_end: tokio::time::Instant,
     /// The route's deadline: the operation must be done by then.
@@ -131,7 +133,10 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         let _outstanding = endpoint.start_call();
         let mut timer_slot = pin!(None);
         let mut timer = Timer::new(timer_slot.as_mut());
-        let mut checkout = match self.checkout(budget.share_end, now, &mut timer).await {
+        let mut checkout = match self
+            .checkout(budget.share_end, budget.share, now, &mut timer)
+            .await
+        {
             Ok(checkout) => checkout,
             Err(refused) => return Err(refused.record(permit, now)),
         };
@@ -150,10 +155,11 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
             if died_idle && retry_dead && !retried {
                 retried = true;
                 drop(checkout);
-                checkout = match self
-                    .checkout(budget.deadline, Instant::now(), &mut timer)
-                    .await
-                {
+                let now = Instant::now();
+                let left = budget
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::from_std(now));
+                checkout = match self.checkout(budget.deadline, left, now, &mut timer).await {
                     Ok(checkout) => checkout,
                     Err(refused) => return Err(refused.record(permit, now)),
                 };
@@ -224,8 +230,9 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         self.check_role()?;
         let permit = self.permit(now)?;
         let mut timer_slot = pin!(None);
+        let within = by.saturating_duration_since(tokio::time::Instant::from_std(now));
         let checkout = match self
-            .checkout(by, now, &mut Timer::new(timer_slot.as_mut()))
+            .checkout(by, within, now, &mut Timer::new(timer_slot.as_mut()))
             .await
         {
             Ok(checkout) => checkout,
@@ -290,19 +297,23 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         })
     }
 
-    /// A connection, by `by`, on `timer`. Nothing has been sent yet whatever happens here.
+    /// A connection, by `by` (`within` after `started`), on `timer`. Nothing has been sent
+    /// yet whatever happens here.
     async fn checkout(
         &self,
         by: tokio::time::Instant,
+        within: Duration,
         started: Instant,
         timer: &mut Timer<'_>,
     ) -> Result<Checkout<DB>, Refused> {
         let (pool, endpoint, route) = (self.pool, self.endpoint, self.route);
-        let started_at = tokio::time::Instant::from_std(started);
-        let wait = by
-            .saturating_duration_since(started_at)
-            .min(pool.wait_timeout);
-        let (class, error) = match endpoint.checkout_by(started_at + wait, by, timer).await {
+        let wait = within.min(pool.wait_timeout);
+        let wait_end = if wait == within {
+            by
+        } else {
+            tokio::time::Instant::from_std(started) + wait
+        };
+        let (class, error) = match endpoint.checkout_by(wait_end, by, timer).await {
             Ok(checkout) => return Ok(checkout),
             Err(Stopped::Waited) => {
                 // Our own pool is full: the server was not asked anything, and its breaker

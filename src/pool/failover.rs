@@ -1,5 +1,7 @@
 //! The endpoints of one call, tried in turn: the one loop every call goes through.
 
+use std::time::Duration;
+
 use super::PoolInner;
 use super::attempt::{Attempt, Budget, Done, Failed};
 use super::operation::Operation;
@@ -38,10 +40,15 @@ impl<DB: Backend> PoolInner<DB> {
     where
         O: Operation<DB::Connection>,
     {
-        let now = tokio::time::Instant::now();
-        let deadline = now + self.routes[route.index()].timeout;
-        self.failover_from(route, replay, operation, deadline, now)
-            .await
+        let timeout = self.routes[route.index()].timeout;
+        self.failover_from(
+            route,
+            replay,
+            operation,
+            tokio::time::Instant::now(),
+            timeout,
+        )
+        .await
     }
 
     /// [`failover`](Self::failover) within a deadline of the caller's: one try of a call
@@ -56,53 +63,52 @@ impl<DB: Backend> PoolInner<DB> {
     where
         O: Operation<DB::Connection>,
     {
-        self.failover_from(
-            route,
-            replay,
-            operation,
-            deadline,
-            tokio::time::Instant::now(),
-        )
-        .await
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        self.failover_from(route, replay, operation, now, left)
+            .await
     }
 
-    /// The loop itself; `started`: the clock when the call started (read once for it and
-    /// its deadline).
+    /// The loop itself, from `started` (the clock read once for the call) with `timeout`
+    /// left.
     async fn failover_from<O>(
         &self,
         route: Route,
         replay: Replay,
         mut operation: O,
-        deadline: tokio::time::Instant,
         started: tokio::time::Instant,
+        timeout: Duration,
     ) -> Result<Done<O::Output>>
     where
         O: Operation<DB::Connection>,
     {
+        let deadline = started + timeout;
         let mut queue = self.router.candidates(route, &self.endpoints)?;
         let mut tried: Vec<Tried> = Vec::new();
         let mut rediscovered = false;
         let mut first = true;
         while !queue.is_empty() {
             let endpoint = queue.remove(0);
-            let now = if std::mem::take(&mut first) {
-                started
+            // The first try works from what the call was given: no clock read, no arithmetic.
+            let (now, left) = if std::mem::take(&mut first) {
+                (started, timeout)
             } else {
-                tokio::time::Instant::now()
+                let now = tokio::time::Instant::now();
+                (now, deadline.saturating_duration_since(now))
             };
             if now >= deadline && !tried.is_empty() {
                 break;
             }
-            let left = deadline.saturating_duration_since(now);
             let others_left = replay == Replay::Read && !queue.is_empty();
-            let share = if replay == Replay::Read {
+            let share = if others_left {
                 left / u32::try_from(queue.len() + 1).unwrap_or(u32::MAX)
             } else {
                 left
             };
             let budget = Budget {
                 now: now.into_std(),
-                share_end: now + share,
+                share,
+                share_end: if share == left { deadline } else { now + share },
                 deadline,
                 others_left,
             };
