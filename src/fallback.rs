@@ -380,6 +380,8 @@ pub(crate) struct RouteFallbacks {
     /// Per route (by index): whether an async fallback is registered for it, which is when a
     /// call of the route notes when it started.
     any_async: [bool; Route::ALL.len()],
+    /// Per route: whether any fallback is registered for it.
+    any: [bool; Route::ALL.len()],
 }
 
 impl fmt::Debug for RouteFallbacks {
@@ -422,6 +424,7 @@ impl RouteFallbacks {
             .by_route_and_type
             .iter()
             .any(|(&(other, _), &(_, is_async))| other == route && is_async);
+        self.any[route.index()] = true;
     }
 
     /// The fallback registered for `route` and `T`, if any.
@@ -430,6 +433,11 @@ impl RouteFallbacks {
             .get(&(route, TypeId::of::<T>()))?
             .0
             .downcast_ref::<RouteFallback<T>>()
+    }
+
+    /// Whether `route` has a fallback, for any result type.
+    pub(crate) fn any(&self, route: Route) -> bool {
+        self.any[route.index()]
     }
 
     /// Whether `route` has an async fallback, for any result type.

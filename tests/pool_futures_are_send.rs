@@ -194,8 +194,11 @@ async fn pool_futures_are_send_and_spawnable() {
 /// must stay small. A connect future stored inline once made a read's future 42 kB, and the
 /// copies a tenth of the pool's CPU time; an `async` block around the call, which holds the
 /// call's future twice, made it 3,080 bytes (1,544 without). The endpoint loop's future is
-/// held inline (3,840 bytes in all): boxing it cost an allocation and a copy of all of it on
-/// every call, more than the moves of the larger future.
+/// held inline: boxing it cost an allocation and a copy of all of it on every call, more than
+/// the moves of the larger future. Storing in the cache and falling back are boxed (3,416
+/// bytes in all, from 4,024): they are off the common path. Boxing deadpool's checkout future
+/// (1,192 bytes) too would make a read 2,296 bytes, but cost more in allocation than it
+/// saved in copies (callgrind, key lookup: +500 instructions per call).
 #[test]
 fn call_futures_stay_small() {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -235,6 +238,6 @@ fn call_futures_stay_small() {
     ];
     for (call, size) in sizes {
         println!("the future of a {call}: {size} bytes");
-        assert!(size <= 4096, "the future of a {call} is {size} bytes");
+        assert!(size <= 3584, "the future of a {call} is {size} bytes");
     }
 }

@@ -142,15 +142,25 @@ impl<DB: Backend> PoolInner<DB> {
             match call.await {
                 Ok(Done { value, endpoint }) => {
                     // Worked out first: the value itself is not borrowed across the cache's
-                    // await.
+                    // await. Storing is boxed, as falling back is: each would otherwise sit
+                    // in every call's future, which is moved several times per call.
                     if let Some(request) = &plan.cache
                         && let Some((payload, stamp)) = self.to_store(request, &value)
                     {
-                        self.store(request, payload, stamp).await;
+                        Box::pin(self.store(request, payload, stamp)).await;
                     }
                     Ok(Served::new(value, Source::Database { endpoint }))
                 }
-                Err(error) if error.is_unavailable() => self.fall_back(plan, error, started).await,
+                // Nothing to fall back on (a call refused by its breaker, typically): the
+                // error as it is, with no box.
+                Err(error)
+                    if error.is_unavailable()
+                        && (plan.cache.is_some()
+                            || plan.fallback.is_some()
+                            || self.fallbacks.any(plan.route)) =>
+                {
+                    Box::pin(self.fall_back(plan, error, started)).await
+                }
                 Err(error) => Err(error),
             }
         };
