@@ -5,7 +5,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use super::statement::{QueryFuture, RoutableQuery, Statement};
+use super::statement::{RoutableQuery, Statement};
 use crate::backend::Backend;
 use crate::route::Route;
 use crate::route_by_sql::route_of_sql;
@@ -59,27 +59,6 @@ impl<DB: Backend, Q: RoutableQuery<DB>> RoutableQuery<DB> for BySql<DB, Q> {
 
     fn from_row(row: DB::Row) -> Result<Self::Output, sqlx::Error> {
         Q::from_row(row)
-    }
-
-    fn fetch_one_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Self::Output> {
-        Q::fetch_one_on(statement, connection)
-    }
-
-    fn fetch_optional_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Option<Self::Output>> {
-        Q::fetch_optional_on(statement, connection)
-    }
-
-    fn fetch_all_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Vec<Self::Output>> {
-        Q::fetch_all_on(statement, connection)
     }
 }
 

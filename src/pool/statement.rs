@@ -4,6 +4,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures_core::future::BoxFuture;
 
 use sqlx::query::{Query, QueryAs, QueryScalar};
 use sqlx::{Database, Execute, IntoArguments, SqlStr};
@@ -15,6 +18,48 @@ use crate::backend::Backend;
 /// sealed methods of [`RoutableQuery`], unnameable outside the crate.)
 #[allow(unreachable_pub)]
 pub type QueryFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
+
+/// A statement running on a connection: the future sqlx's executor gives (sqlx boxes it, so
+/// its type names no query lifetime and the call stays `Send`), and what makes its answer the
+/// caller's type. No box of the pool's own on top. (Public in a private module, as
+/// [`QueryFuture`].)
+#[allow(unreachable_pub)]
+pub struct Fetched<'c, DB: Database, T>(Running<'c, DB, T>);
+
+type Answer<'c, R> = BoxFuture<'c, Result<R, sqlx::Error>>;
+
+enum Running<'c, DB: Database, T> {
+    Optional(
+        Answer<'c, Option<DB::Row>>,
+        fn(Option<DB::Row>) -> Result<T, sqlx::Error>,
+    ),
+    All(
+        Answer<'c, Vec<DB::Row>>,
+        fn(Vec<DB::Row>) -> Result<T, sqlx::Error>,
+    ),
+    Execute(
+        Answer<'c, DB::QueryResult>,
+        fn(DB::QueryResult) -> Result<T, sqlx::Error>,
+    ),
+}
+
+impl<DB: Database, T> std::fmt::Debug for Fetched<'_, DB, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched").finish_non_exhaustive()
+    }
+}
+
+impl<DB: Database, T> Future for Fetched<'_, DB, T> {
+    type Output = Result<T, sqlx::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match &mut self.get_mut().0 {
+            Running::Optional(answer, finish) => ready!(answer.as_mut().poll(cx)).and_then(*finish),
+            Running::All(answer, finish) => ready!(answer.as_mut().poll(cx)).and_then(*finish),
+            Running::Execute(answer, finish) => ready!(answer.as_mut().poll(cx)).and_then(*finish),
+        })
+    }
+}
 
 /// A query's SQL and encoded arguments, from which the same query can be built again.
 #[derive(Debug)]
@@ -64,6 +109,27 @@ impl<DB: Backend> Statement<DB> {
         sqlx::query_with(sql, arguments).persistent(self.persistent)
     }
 
+    /// Runs the statement on `connection` for at most one row, which `finish` turns into a
+    /// `T`.
+    pub(crate) fn optional_on<'c, T>(
+        &self,
+        connection: &'c mut DB::Connection,
+        finish: fn(Option<DB::Row>) -> Result<T, sqlx::Error>,
+    ) -> Fetched<'c, DB, T> {
+        let answer = sqlx::Executor::fetch_optional(DB::executor(connection), self.query());
+        Fetched(Running::Optional(answer, finish))
+    }
+
+    /// Runs the statement on `connection` for every row, which `finish` turns into a `T`.
+    pub(crate) fn all_on<'c, T>(
+        &self,
+        connection: &'c mut DB::Connection,
+        finish: fn(Vec<DB::Row>) -> Result<T, sqlx::Error>,
+    ) -> Fetched<'c, DB, T> {
+        let answer = sqlx::Executor::fetch_all(DB::executor(connection), self.query());
+        Fetched(Running::All(answer, finish))
+    }
+
     /// Runs the statement on `connection`, every result and row as it comes.
     pub(crate) fn fetch_many_on<'c>(&self, connection: &'c mut DB::Connection) -> Steps<'c, DB> {
         sqlx::Executor::fetch_many(DB::executor(connection), self.query())
@@ -106,21 +172,31 @@ pub trait RoutableQuery<DB: Backend>: sealed::Sealed + Send + Sized {
     fn fetch_one_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Self::Output>;
+    ) -> Fetched<'c, DB, Self::Output> {
+        statement.optional_on(connection, |row| {
+            Self::from_row(row.ok_or(sqlx::Error::RowNotFound)?)
+        })
+    }
 
     /// Runs the statement on `connection`, returning at most one row.
     #[doc(hidden)]
     fn fetch_optional_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Option<Self::Output>>;
+    ) -> Fetched<'c, DB, Option<Self::Output>> {
+        statement.optional_on(connection, |row| row.map(Self::from_row).transpose())
+    }
 
     /// Runs the statement on `connection`, returning every row.
     #[doc(hidden)]
     fn fetch_all_on<'c>(
         statement: &Statement<DB>,
         connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Vec<Self::Output>>;
+    ) -> Fetched<'c, DB, Vec<Self::Output>> {
+        statement.all_on(connection, |rows| {
+            rows.into_iter().map(Self::from_row).collect()
+        })
+    }
 }
 
 pub(super) mod sealed {
@@ -146,27 +222,6 @@ where
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
     }
-
-    fn fetch_one_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, DB::Row> {
-        Box::pin(statement.query().fetch_one(DB::executor(connection)))
-    }
-
-    fn fetch_optional_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Option<DB::Row>> {
-        rows_optional_on(statement, connection)
-    }
-
-    fn fetch_all_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Vec<DB::Row>> {
-        rows_all_on(statement, connection)
-    }
 }
 
 impl<'q, DB, O, A> RoutableQuery<DB> for QueryAs<'q, DB, O, A>
@@ -183,33 +238,6 @@ where
 
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
-    }
-
-    fn fetch_one_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, O> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_as_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_one(DB::executor(connection)))
-    }
-
-    fn fetch_optional_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Option<O>> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_as_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_optional(DB::executor(connection)))
-    }
-
-    fn fetch_all_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Vec<O>> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_as_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_all(DB::executor(connection)))
     }
 }
 
@@ -229,56 +257,30 @@ where
     fn into_statement(self) -> Result<Statement<DB>, sqlx::Error> {
         Statement::take_apart(self)
     }
-
-    fn fetch_one_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, O> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_scalar_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_one(DB::executor(connection)))
-    }
-
-    fn fetch_optional_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Option<O>> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_scalar_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_optional(DB::executor(connection)))
-    }
-
-    fn fetch_all_on<'c>(
-        statement: &Statement<DB>,
-        connection: &'c mut DB::Connection,
-    ) -> QueryFuture<'c, Vec<O>> {
-        let (sql, arguments) = statement.parts();
-        let query = sqlx::query_scalar_with(sql, arguments).persistent(statement.persistent);
-        Box::pin(query.fetch_all(DB::executor(connection)))
-    }
 }
 
 /// Runs a statement on a connection, giving a `T`.
 pub(crate) type FetchFn<DB, T> =
-    for<'c> fn(&Statement<DB>, &'c mut <DB as Database>::Connection) -> QueryFuture<'c, T>;
+    for<'c> fn(&Statement<DB>, &'c mut <DB as Database>::Connection) -> Fetched<'c, DB, T>;
 
 pub(crate) fn execute_on<'c, DB: Backend>(
     statement: &Statement<DB>,
     connection: &'c mut DB::Connection,
-) -> QueryFuture<'c, DB::QueryResult> {
-    Box::pin(statement.query().execute(DB::executor(connection)))
+) -> Fetched<'c, DB, DB::QueryResult> {
+    let answer = sqlx::Executor::execute(DB::executor(connection), statement.query());
+    Fetched(Running::Execute(answer, Ok))
 }
 
 pub(crate) fn rows_optional_on<'c, DB: Backend>(
     statement: &Statement<DB>,
     connection: &'c mut DB::Connection,
-) -> QueryFuture<'c, Option<DB::Row>> {
-    Box::pin(statement.query().fetch_optional(DB::executor(connection)))
+) -> Fetched<'c, DB, Option<DB::Row>> {
+    statement.optional_on(connection, Ok)
 }
 
 pub(crate) fn rows_all_on<'c, DB: Backend>(
     statement: &Statement<DB>,
     connection: &'c mut DB::Connection,
-) -> QueryFuture<'c, Vec<DB::Row>> {
-    Box::pin(statement.query().fetch_all(DB::executor(connection)))
+) -> Fetched<'c, DB, Vec<DB::Row>> {
+    statement.all_on(connection, Ok)
 }
