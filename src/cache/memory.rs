@@ -59,6 +59,9 @@ fn bytes_of(key: &str, value: &CachedValue) -> u64 {
 }
 
 impl MemoryCache {
+    /// What [`Cache::kind`] says.
+    pub(crate) const KIND: &'static str = "memory";
+
     /// The byte bound of [`Default`]: 64 MiB.
     pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -176,7 +179,7 @@ impl Cache for MemoryCache {
     }
 
     fn kind(&self) -> &'static str {
-        "memory"
+        Self::KIND
     }
 }
 

@@ -17,6 +17,7 @@ mod redis;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use memory::MemoryCache;
@@ -41,6 +42,39 @@ pub trait Cache: Send + Sync + fmt::Debug + 'static {
 
     /// A short name for logs, metrics and the health report (`memory`, `redis`).
     fn kind(&self) -> &'static str;
+}
+
+/// The pool's cache: the one it was given, or the default memory cache, made when a read
+/// first uses it (a pool that caches nothing pays nothing for it).
+#[derive(Debug)]
+pub(crate) struct PoolCache {
+    given: Option<Arc<dyn Cache>>,
+    default: OnceLock<MemoryCache>,
+}
+
+impl PoolCache {
+    /// `given`, or the default memory cache.
+    pub(crate) fn new(given: Option<Arc<dyn Cache>>) -> Self {
+        Self {
+            given,
+            default: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn get(&self) -> &dyn Cache {
+        match &self.given {
+            Some(cache) => &**cache,
+            None => self.default.get_or_init(MemoryCache::default),
+        }
+    }
+
+    /// The cache's kind, without making the default one.
+    pub(crate) fn kind(&self) -> &'static str {
+        match &self.given {
+            Some(cache) => cache.kind(),
+            None => MemoryCache::KIND,
+        }
+    }
 }
 
 /// A serialized read result and when it was stored.
@@ -160,6 +194,21 @@ mod tests {
         let value = CachedValue::stored_at(b"{\"id\":1}".to_vec(), stored_at);
         let back = CachedValue::from_bytes(&value.to_bytes()).unwrap();
         assert_eq!(back, value);
+    }
+
+    #[tokio::test]
+    async fn the_default_cache_is_made_when_first_used() {
+        let cache = PoolCache::new(None);
+        assert_eq!(cache.kind(), "memory");
+        assert!(cache.default.get().is_none(), "made before any use");
+        let value = CachedValue::new(b"1".to_vec());
+        cache
+            .get()
+            .put("k", value.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(cache.get().get("k").await.unwrap(), Some(value));
+        assert!(cache.default.get().is_some());
     }
 
     #[test]

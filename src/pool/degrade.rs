@@ -205,7 +205,10 @@ impl<DB: Backend> PoolInner<DB> {
     async fn store<T>(&self, request: &CacheRequest<T>, payload: Vec<u8>, stamp: Option<Stamp>) {
         let kind = self.cache.kind();
         let key = request.key();
-        let put = self.cache.put(&key, CachedValue::new(payload), request.ttl);
+        let put = self
+            .cache
+            .get()
+            .put(&key, CachedValue::new(payload), request.ttl);
         // No timer unless the cache makes the call wait (a memory cache never does).
         let failure = match crate::timer::within(self.cache_timeout, put).await {
             Some(Ok(())) => {
@@ -349,7 +352,7 @@ impl<DB: Backend> PoolInner<DB> {
     async fn lookup<T>(&self, route: Route, request: &CacheRequest<T>) -> Option<(T, Duration)> {
         let kind = self.cache.kind();
         let key = request.key();
-        let get = self.cache.get(&key);
+        let get = self.cache.get().get(&key);
         let failure = match tokio::time::timeout(self.cache_timeout, get).await {
             Ok(Ok(Some(cached))) => match (request.decode)(cached.payload()) {
                 Ok(value) => {

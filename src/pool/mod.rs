@@ -46,7 +46,7 @@ pub use topology::ClusterEvent;
 
 use crate::backend::Backend;
 use crate::breaker::{BreakerConfig, CircuitBreaker};
-use crate::cache::Cache;
+use crate::cache::PoolCache;
 use crate::cache::lately::RecentStores;
 use crate::classify::Classifier;
 use crate::config::PoolConfig;
@@ -127,7 +127,7 @@ pub(crate) struct PoolInner<DB: Backend> {
     probes: probe::Probes,
     classifier: Option<Classifier>,
     listeners: Arc<PoolListeners>,
-    cache: Arc<dyn Cache>,
+    cache: PoolCache,
     /// The longest a cache operation may take before it counts as a miss.
     cache_timeout: Duration,
     /// What was stored in the cache lately, not to store it again.

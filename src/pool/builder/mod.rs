@@ -21,7 +21,7 @@ use super::{PoolInner, ProtectedPool};
 use crate::backend::Backend;
 use crate::breaker::BreakerConfig;
 use crate::cache::lately::RecentStores;
-use crate::cache::{Cache, MemoryCache};
+use crate::cache::{Cache, MemoryCache, PoolCache};
 use crate::classify::{Classifier, ErrorClass};
 use crate::config::PoolConfig;
 use crate::endpoint::{
@@ -608,13 +608,9 @@ impl<DB: Backend> PoolBuilder<DB> {
                 }
             }));
         }
-        let (cache, cache_entries) = match self.cache {
-            Some(cache) => (cache, self.cache_entries),
-            None => {
-                let cache = MemoryCache::default();
-                let entries = cache.entries_hint();
-                (Arc::new(cache) as Arc<dyn Cache>, Some(entries))
-            }
+        let cache_entries = match self.cache {
+            Some(_) => self.cache_entries,
+            None => Some(MemoryCache::DEFAULT_MAX_ENTRIES),
         };
         let inner = Arc::new_cyclic(|me| PoolInner {
             me: me.clone(),
@@ -629,7 +625,7 @@ impl<DB: Backend> PoolBuilder<DB> {
             probes: Probes::new(self.probes, count),
             classifier: self.classifier,
             listeners,
-            cache,
+            cache: PoolCache::new(self.cache),
             cache_timeout: self.cache_timeout,
             recent_stores: RecentStores::new(cache_entries),
             fallbacks: self.fallbacks,
