@@ -196,3 +196,38 @@ async fn cancelled_tasks_leave_no_trial_slot_behind() {
         assert_eq!(snapshot.state, State::HalfOpen);
     }
 }
+
+/// Refusals are counted exactly however many threads refuse at once, more threads than the
+/// breaker has stripes included: a stripe's first thread counts its own refusals with plain
+/// stores, the threads that share the stripe after it with atomic increments, and the two
+/// never lose each other's counts.
+#[test]
+fn every_refusal_is_counted_from_more_threads_than_stripes() {
+    // More than the most stripes a breaker has (64), so that threads share stripes.
+    const REFUSERS: u64 = 160;
+    const EACH: u64 = 20_000;
+    let breaker = CircuitBreaker::builder("refusing")
+        .config(config())
+        .build()
+        .unwrap();
+    breaker.force_open();
+    let start = std::sync::Barrier::new(REFUSERS as usize);
+    std::thread::scope(|scope| {
+        for _ in 0..REFUSERS {
+            let (breaker, start) = (&breaker, &start);
+            scope.spawn(move || {
+                start.wait();
+                for n in 0..EACH {
+                    // Both ways of asking: with and without trials of its own.
+                    let refused = if n % 2 == 0 {
+                        breaker.try_acquire().is_err()
+                    } else {
+                        breaker.try_acquire_untried().is_err()
+                    };
+                    assert!(refused, "a forced-open breaker let a call through");
+                }
+            });
+        }
+    });
+    assert_eq!(breaker.snapshot().total_rejected, REFUSERS * EACH);
+}

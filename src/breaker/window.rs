@@ -68,6 +68,10 @@ struct Stripe {
     failures: AtomicU64,
     slow: AtomicU64,
     ignored: AtomicU64,
+    /// Refusals by the thread that owns this stripe (see [`thread_stripe`]): it alone writes
+    /// here, so a load and a store count exactly, with no locked instruction.
+    rejected_by_owner: AtomicU64,
+    /// Refusals by the other threads dealt this stripe.
     rejected: AtomicU64,
     /// `ring_position` when the window was last cleared.
     window_base: AtomicU64,
@@ -92,7 +96,9 @@ thread_local! {
 }
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
-/// This thread's stripe number; threads are dealt stripes round-robin on first use.
+/// This thread's number, dealt in order on first use; its stripe in a breaker is the number
+/// masked by the breaker's stripe count. A thread whose number is below that count is the
+/// first dealt its stripe, and owns it (see `Stripe::rejected_by_owner`).
 #[inline]
 fn thread_stripe() -> usize {
     STRIPE_INDEX.with(|cell| {
@@ -141,6 +147,7 @@ impl Stripes {
                 failures: AtomicU64::new(0),
                 slow: AtomicU64::new(0),
                 ignored: AtomicU64::new(0),
+                rejected_by_owner: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 window_base: AtomicU64::new(0),
                 ring_failures: (0..ring_words).map(|_| AtomicU64::new(0)).collect(),
@@ -246,7 +253,20 @@ impl Stripes {
 
     #[inline]
     pub(crate) fn record_rejected(&self) {
-        self.mine().rejected.fetch_add(1, Relaxed);
+        self.record_rejected_by(thread_stripe());
+    }
+
+    #[inline(always)]
+    fn record_rejected_by(&self, thread: usize) {
+        let stripe = &self.stripes[thread & self.mask];
+        // The first thread dealt each stripe owns it in every breaker: a refusal, which is
+        // what an open breaker does all day, is then an ordinary increment.
+        if thread <= self.mask {
+            let rejected = stripe.rejected_by_owner.load(Relaxed);
+            stripe.rejected_by_owner.store(rejected + 1, Relaxed);
+        } else {
+            stripe.rejected.fetch_add(1, Relaxed);
+        }
     }
 
     /// Empties the window (totals are kept). Called when the breaker closes.
@@ -305,7 +325,8 @@ impl Stripes {
             totals.failures += stripe.failures.load(Relaxed);
             totals.slow += stripe.slow.load(Relaxed);
             totals.ignored += stripe.ignored.load(Relaxed);
-            totals.rejected += stripe.rejected.load(Relaxed);
+            totals.rejected +=
+                stripe.rejected_by_owner.load(Relaxed) + stripe.rejected.load(Relaxed);
         }
         totals
     }
@@ -330,4 +351,23 @@ fn popcount(words: &[AtomicU64]) -> u64 {
         .iter()
         .map(|word| u64::from(word.load(Relaxed).count_ones()))
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stripe_s_first_thread_counts_apart_from_the_threads_that_share_it() {
+        let stripes = Stripes::new(SlidingWindow::Count { size: 10 });
+        let count = stripes.stripes.len();
+        // Thread 1 owns stripe 1; thread `count + 1` is dealt it after, and shares it.
+        stripes.record_rejected_by(1);
+        stripes.record_rejected_by(1);
+        stripes.record_rejected_by(count + 1);
+        let stripe = &stripes.stripes[1];
+        assert_eq!(stripe.rejected_by_owner.load(Relaxed), 2);
+        assert_eq!(stripe.rejected.load(Relaxed), 1);
+        assert_eq!(stripes.totals().rejected, 3);
+    }
 }
