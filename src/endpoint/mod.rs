@@ -33,6 +33,15 @@ pub(crate) use manager::{ConnectionManager, PooledConnection};
 pub use role::RoleChange;
 pub(crate) use role::RoleState;
 
+/// No timeouts for deadpool on a call's checkout: each would be a timer of its own on every
+/// checkout; the call's one timer bounds it (see [`Endpoint::checkout_by`]). A static, so
+/// that no call's future holds a copy.
+static NO_TIMEOUTS: Timeouts = Timeouts {
+    wait: None,
+    create: None,
+    recycle: None,
+};
+
 /// Why [`Endpoint::checkout_by`] gave no connection.
 #[derive(Debug)]
 pub(crate) enum Stopped {
@@ -216,9 +225,7 @@ impl<DB: Backend> Endpoint<DB> {
         by: tokio::time::Instant,
         timer: &mut Timer<'_>,
     ) -> Result<Checkout<DB>, Stopped> {
-        // No timeouts for deadpool: each would be a timer of its own on every checkout.
-        let timeouts = Timeouts::default();
-        let mut got = std::pin::pin!(self.pool.timeout_get(&timeouts));
+        let mut got = std::pin::pin!(self.pool.timeout_get(&NO_TIMEOUTS));
         let mut working = false;
         let got = std::future::poll_fn(|cx| {
             let begun = manager::work_begun();

@@ -1,5 +1,6 @@
 //! The endpoints of one call, tried in turn: the one loop every call goes through.
 
+use std::future::Future;
 use std::time::Duration;
 
 use super::PoolInner;
@@ -31,12 +32,16 @@ impl<DB: Backend> PoolInner<DB> {
     ///
     /// Cancel-safe: if the returned future is dropped, the breaker permit is released without
     /// an outcome and a connection caught mid-statement is closed rather than reused.
-    pub(crate) async fn failover<O>(
+    ///
+    /// The call starts when this is called, not when the future is first polled. Not an
+    /// `async fn`: a wrapper future would hold the loop's future besides its own state, and
+    /// copy all of it in on its first poll.
+    pub(crate) fn failover<O>(
         &self,
         route: Route,
         replay: Replay,
         operation: O,
-    ) -> Result<Done<O::Output>>
+    ) -> impl Future<Output = Result<Done<O::Output>>>
     where
         O: Operation<DB::Connection>,
     {
@@ -48,7 +53,6 @@ impl<DB: Backend> PoolInner<DB> {
             tokio::time::Instant::now(),
             timeout,
         )
-        .await
     }
 
     /// [`failover`](Self::failover) within a deadline of the caller's: one try of a call
