@@ -47,6 +47,12 @@ pub(crate) struct Router {
 }
 
 impl Router {
+    /// Whether calls of a pool of `endpoints` endpoints must be counted per endpoint: only
+    /// when replicas are chosen by their count, between more than one endpoint.
+    pub(crate) fn counts_outstanding(&self, endpoints: usize) -> bool {
+        self.selection == ReplicaSelection::LeastOutstanding && endpoints > 1
+    }
+
     pub(crate) fn new(preference: ReadPreference, selection: ReplicaSelection) -> Self {
         Self {
             preference,

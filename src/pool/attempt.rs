@@ -130,7 +130,9 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         self.check_lag()?;
         self.check_role()?;
         let permit = self.permit(now)?;
-        let _outstanding = endpoint.start_call();
+        // Counted only where it chooses between replicas: the count is one cache line that
+        // every thread writes twice per call.
+        let _outstanding = (self.pool.counts_outstanding).then(|| endpoint.start_call());
         let mut timer_slot = pin!(None);
         let mut timer = Timer::new(timer_slot.as_mut());
         let mut checkout = match self
