@@ -34,8 +34,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) use clock::coarse_nanos;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub(crate) use clock::{coarse_nanos, duration_nanos};
 pub(crate) use config::too_long;
 pub use config::{BreakerConfig, OpenDuration, SlidingWindow};
 pub use listener::{ListenerId, StateChange, Subscription};

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::breaker::SystemClock;
+use crate::breaker::{SystemClock, coarse_nanos};
 use crate::route::Route;
 
 /// A fingerprint is never 0: 0 marks a slot being written.
@@ -38,8 +38,6 @@ pub(crate) struct RecentStores {
     table: OnceLock<Lately>,
     /// About how many values the cache holds, if it says.
     entries: Option<u64>,
-    /// The breaker's coarse clock: a few nanoseconds a reading.
-    clock: SystemClock,
     /// The coarse clock's tick and the rounding to milliseconds, taken off every window so
     /// that a window is never exceeded.
     slack_ms: u64,
@@ -51,7 +49,6 @@ impl RecentStores {
         Self {
             table: OnceLock::new(),
             entries,
-            clock: SystemClock::new(),
             slack_ms: millis_up(SystemClock::resolution()) + 1,
         }
     }
@@ -61,8 +58,9 @@ impl RecentStores {
             .get_or_init(|| Lately::new(self.entries.map_or(DEFAULT_SETS, |entries| entries / 2)))
     }
 
-    fn now_ms(&self) -> u64 {
-        self.clock.now_nanos() / 1_000_000
+    /// The coarse clock (a few nanoseconds a reading), in milliseconds.
+    fn now_ms() -> u64 {
+        coarse_nanos() / 1_000_000
     }
 
     /// Whether the result `stamp` stands for was stored less than a hundredth of `ttl` ago.
@@ -70,12 +68,12 @@ impl RecentStores {
     pub(crate) fn stored_lately(&self, stamp: Stamp, ttl: Duration) -> bool {
         let window = u64::try_from((ttl / RESTORE_AFTER_TTL_PART).as_millis()).unwrap_or(u64::MAX);
         let within = window.saturating_sub(self.slack_ms);
-        within > 0 && self.table().stored_within(stamp, self.now_ms(), within)
+        within > 0 && self.table().stored_within(stamp, Self::now_ms(), within)
     }
 
     /// Notes that the result `stamp` stands for was stored now.
     pub(crate) fn note(&self, stamp: Stamp) {
-        self.table().note(stamp, self.now_ms());
+        self.table().note(stamp, Self::now_ms());
     }
 }
 

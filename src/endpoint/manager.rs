@@ -13,7 +13,7 @@ use super::EndpointOptions;
 use super::after_connect::AfterConnect;
 use super::role::RoleState;
 use crate::backend::Backend;
-use crate::breaker::coarse_nanos;
+use crate::breaker::{coarse_nanos, duration_nanos};
 
 /// A pooled connection and what the pool needs to know about it. The flags are set only by
 /// [`Checkout`](super::Checkout), which owns the connection while it is out of the pool.
@@ -293,7 +293,7 @@ impl<DB: Backend> ConnectionManager<DB> {
             used_at: Instant::now(),
             expires_at: self
                 .lifetime()
-                .map(|lifetime| coarse_at.saturating_add(nanos(lifetime))),
+                .map(|lifetime| coarse_at.saturating_add(duration_nanos(lifetime))),
             handed_out_at: coarse_at,
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })
@@ -333,7 +333,7 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         }
         let losses = self.losses.load(Ordering::Relaxed);
         if connection.checked_at_loss != losses
-            || now.saturating_sub(connection.handed_out_at) >= nanos(self.idle_check_after)
+            || now.saturating_sub(connection.handed_out_at) >= duration_nanos(self.idle_check_after)
         {
             // Bounded here rather than by deadpool's recycle timeout, which would arm a timer
             // on every checkout, pinged or not. A ping that hangs drops the connection and
@@ -357,9 +357,4 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         connection.handed_out_at = now;
         Ok(())
     }
-}
-
-/// `duration` in nanoseconds, saturating.
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -132,7 +132,9 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         let permit = self.permit(now)?;
         // Counted only where it chooses between replicas: the count is one cache line that
         // every thread writes twice per call.
-        let _outstanding = (self.pool.counts_outstanding).then(|| endpoint.start_call());
+        let pool = self.pool;
+        let counted = pool.router.counts_outstanding(pool.endpoints.len());
+        let _outstanding = counted.then(|| endpoint.start_call());
         let mut timer_slot = pin!(None);
         let mut timer = Timer::new(timer_slot.as_mut());
         let mut checkout = match self

@@ -117,8 +117,6 @@ pub(crate) struct PoolInner<DB: Backend> {
     /// Which of them is the primary now, and who hears when that changes.
     topology: Arc<topology::Topology>,
     router: Router,
-    /// Calls are counted per endpoint (see [`Router::counts_outstanding`]).
-    counts_outstanding: bool,
     routes: [RouteConfig; 3],
     max_replica_lag: Option<Duration>,
     health_check_interval: Duration,

@@ -612,14 +612,11 @@ impl<DB: Backend> PoolBuilder<DB> {
             Some(_) => self.cache_entries,
             None => Some(MemoryCache::DEFAULT_MAX_ENTRIES),
         };
-        let router = Router::new(self.read_preference, self.replica_selection);
-        let counts_outstanding = router.counts_outstanding(endpoints.len());
         let inner = Arc::new_cyclic(|me| PoolInner {
             me: me.clone(),
             endpoints,
             topology,
-            counts_outstanding,
-            router,
+            router: Router::new(self.read_preference, self.replica_selection),
             routes: self.routes,
             max_replica_lag: self.max_replica_lag,
             health_check_interval: self.health_check_interval,
