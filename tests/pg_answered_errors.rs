@@ -169,7 +169,14 @@ async fn a_custom_classifier_cannot_keep_a_dead_connection() {
         ))
         .await
         .expect("psql");
-    assert_eq!(terminated, "1", "the pool's one backend");
+    // The pool's one backend, and at times a second: with the pool's connection in use, the
+    // health loop asks the server its role over a short-lived connection of its own, under
+    // the same application name.
+    let terminated: u32 = terminated.parse().expect("a count");
+    assert!(
+        (1..=2).contains(&terminated),
+        "the pool's backend, and at most the health loop's: {terminated}"
+    );
     let mut gone = false;
     for _ in 0..100 {
         let left = pg
