@@ -198,7 +198,9 @@ async fn pool_futures_are_send_and_spawnable() {
 /// the moves of the larger future. Storing in the cache and falling back are boxed (3,416
 /// bytes in all, from 4,024): they are off the common path. Boxing deadpool's checkout future
 /// (1,192 bytes) too would make a read 2,296 bytes, but cost more in allocation than it
-/// saved in copies (callgrind, key lookup: +500 instructions per call).
+/// saved in copies (callgrind, key lookup: +500 instructions per call). The manager's recycle
+/// future sits in that checkout future three times (deadpool's optional recycle timeout wraps
+/// it): with its rare ping boxed it went from 184 to 64 bytes, and a read from 3,336 to 2,976.
 #[test]
 fn call_futures_stay_small() {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -238,6 +240,6 @@ fn call_futures_stay_small() {
     ];
     for (call, size) in sizes {
         println!("the future of a {call}: {size} bytes");
-        assert!(size <= 3584, "the future of a {call} is {size} bytes");
+        assert!(size <= 3072, "the future of a {call} is {size} bytes");
     }
 }

@@ -298,6 +298,23 @@ impl<DB: Backend> ConnectionManager<DB> {
             checked_at_loss: self.losses.load(Ordering::Relaxed),
         })
     }
+
+    /// Pings a connection before it is handed out again. Bounded here rather than by
+    /// deadpool's recycle timeout, which would arm a timer on every checkout, pinged or not.
+    /// A ping that hangs drops the connection and the pool opens another.
+    async fn ping(&self, connection: &mut PooledConnection<DB>) -> RecycleResult<sqlx::Error> {
+        match tokio::time::timeout(self.connect_timeout, connection.raw.ping()).await {
+            Ok(pinged) => pinged.map_err(|error| {
+                // Dead while it sat in the pool: its siblings very likely died with it.
+                self.connection_lost();
+                RecycleError::Backend(error)
+            }),
+            Err(_) => Err(RecycleError::message(format!(
+                "no answer to a ping within {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
 }
 
 impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
@@ -335,23 +352,9 @@ impl<DB: Backend> managed::Manager for ConnectionManager<DB> {
         if connection.checked_at_loss != losses
             || now.saturating_sub(connection.handed_out_at) >= duration_nanos(self.idle_check_after)
         {
-            // Bounded here rather than by deadpool's recycle timeout, which would arm a timer
-            // on every checkout, pinged or not. A ping that hangs drops the connection and
-            // the pool opens another.
-            match tokio::time::timeout(self.connect_timeout, Box::pin(connection.raw.ping())).await
-            {
-                Ok(pinged) => pinged.map_err(|error| {
-                    // Dead while it sat in the pool: its siblings very likely died with it.
-                    self.connection_lost();
-                    RecycleError::Backend(error)
-                })?,
-                Err(_) => {
-                    return Err(RecycleError::message(format!(
-                        "no answer to a ping within {:?}",
-                        self.connect_timeout
-                    )));
-                }
-            }
+            // Boxed: a ping is rare, and this future sits inside deadpool's checkout future
+            // several times over (its recycle timeout wraps it), so inside every call's.
+            Box::pin(self.ping(connection)).await?;
             connection.checked_at_loss = losses;
         }
         connection.handed_out_at = now;

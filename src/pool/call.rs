@@ -41,7 +41,11 @@ pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
         .map(|statement| statement.unnamed_if(unnamed))
         .map_err(|source| Error::InvalidQuery { route, source });
     async move {
-        let statement = prepared?;
+        // By reference: moved out, the statement would take its room in this future twice.
+        let statement = match prepared {
+            Ok(ref statement) => statement,
+            Err(error) => return Err(error),
+        };
         let inner = &pool.inner;
         let plan = Plan {
             route,
@@ -49,10 +53,7 @@ pub(super) fn run_statement<'p, DB: Backend, T: Send + 'static>(
             cache,
             fallback,
         };
-        let run = Fetching {
-            statement: &statement,
-            fetch,
-        };
+        let run = Fetching { statement, fetch };
         // Held inline, not boxed: a box per call cost an allocation and a copy of the whole
         // endpoint loop's future, more than moving the (now smaller) call's future does.
         let call = std::pin::pin!(inner.failover(route, replay, run));
