@@ -75,6 +75,10 @@ impl Router {
         if route != Route::Read {
             return primary_of(route, endpoints);
         }
+        // A pool of one endpoint reads from it whatever its role: nothing to order.
+        if let [only] = endpoints {
+            return Ok(SmallVec::from_elem(only, 1));
+        }
         // One vector, the preferred group first: a stable partition in place, each
         // endpoint's role read once (it may change meanwhile).
         let replicas_first = self.preference == ReadPreference::PreferReplica;
