@@ -129,7 +129,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         let now = budget.now;
         self.check_lag()?;
         self.check_role()?;
-        let permit = self.permit(now)?;
+        let permit = self.permit()?;
         // Counted only where it chooses between replicas: the count is one cache line that
         // every thread writes twice per call.
         let pool = self.pool;
@@ -232,7 +232,7 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         let now = Instant::now();
         self.check_lag()?;
         self.check_role()?;
-        let permit = self.permit(now)?;
+        let permit = self.permit()?;
         let mut timer_slot = pin!(None);
         let within = by.saturating_duration_since(tokio::time::Instant::from_std(now));
         let checkout = match self
@@ -278,12 +278,12 @@ impl<'a, DB: Backend> Attempt<'a, DB> {
         Ok(())
     }
 
-    fn permit(&self, now: Instant) -> Result<Permit<'a>, Failed> {
+    fn permit(&self) -> Result<Permit<'a>, Failed> {
         let (pool, endpoint, route) = (self.pool, self.endpoint, self.route);
         let breaker = endpoint.breaker(route);
         // While the endpoint's probe is alive the trials are its own: a caller is never the
         // one sent to a server that may still be hung.
-        let probe_owns_trials = pool.probe_owns_trials(endpoint.index, now);
+        let probe_owns_trials = pool.probe_owns_trials(endpoint.index);
         let permit = if probe_owns_trials {
             breaker.try_acquire_untried()
         } else {

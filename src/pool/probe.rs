@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 use super::PoolInner;
 use super::attempt::{endpoint_error, judge};
 use crate::backend::Backend;
-use crate::breaker::{Outcome, State};
+use crate::breaker::{Outcome, State, coarse_nanos, duration_nanos};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::role::Role;
@@ -39,15 +39,16 @@ const GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Probes {
     enabled: bool,
-    epoch: Instant,
     stop: watch::Sender<bool>,
     slots: Box<[Slot]>,
 }
 
 #[derive(Debug, Default)]
 struct Slot {
-    /// Milliseconds since `epoch` by which the task will have been heard from again; 0 when
-    /// there is no live task.
+    /// When, on the coarse clock ([`coarse_nanos`]), the task will have been heard from
+    /// again; 0 when there is no live task. Read on every call: the coarse clock costs a
+    /// fraction of a precise reading and the arithmetic from an `Instant`, and the promise
+    /// has a second of slack.
     alive_until: AtomicU64,
     /// Which task owns the slot; a task that finds another number here ends.
     generation: AtomicU64,
@@ -59,20 +60,14 @@ impl Probes {
     pub(crate) fn new(enabled: bool, endpoints: usize) -> Self {
         Self {
             enabled,
-            epoch: Instant::now(),
             stop: watch::Sender::new(false),
             slots: (0..endpoints).map(|_| Slot::default()).collect(),
         }
     }
 
-    fn millis(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Whether endpoint `index`'s probe task is alive at `now`, and so owns the half-open
-    /// trials.
-    pub(crate) fn owns_trials(&self, index: usize, now: Instant) -> bool {
-        self.enabled && self.slots[index].alive_until.load(Ordering::Acquire) > self.millis(now)
+    /// Whether endpoint `index`'s probe task is alive, and so owns the half-open trials.
+    pub(crate) fn owns_trials(&self, index: usize) -> bool {
+        self.enabled && self.slots[index].alive_until.load(Ordering::Acquire) > coarse_nanos()
     }
 
     /// What the last unsuccessful trial on endpoint `index` met.
@@ -94,7 +89,9 @@ impl Probes {
     fn promise(&self, index: usize, generation: u64, within: Duration) {
         let slot = &self.slots[index];
         if slot.generation.load(Ordering::Acquire) == generation {
-            let until = self.millis(Instant::now() + within + GRACE).max(1);
+            let until = coarse_nanos()
+                .saturating_add(duration_nanos(within + GRACE))
+                .max(1);
             slot.alive_until.store(until, Ordering::Release);
         }
     }
@@ -135,27 +132,26 @@ impl<DB: Backend> PoolInner<DB> {
     /// Starts every endpoint's task that is not alive, on the current tokio runtime (none
     /// outside one). Called when the pool is built.
     pub(crate) fn start_probes(&self) {
-        let now = Instant::now();
         for index in 0..self.endpoints.len() {
-            self.revive_probe(index, now);
+            self.revive_probe(index);
         }
     }
 
     /// Whether endpoint `index`'s probe owns its trials; if its task is not alive, starts a
     /// new one (which owns them from its first round on).
-    pub(crate) fn probe_owns_trials(&self, index: usize, now: Instant) -> bool {
+    pub(crate) fn probe_owns_trials(&self, index: usize) -> bool {
         let probes = &self.probes;
-        if probes.owns_trials(index, now) || !probes.enabled {
+        if probes.owns_trials(index) || !probes.enabled {
             return probes.enabled;
         }
-        self.revive_probe(index, now);
+        self.revive_probe(index);
         false
     }
 
     #[cold]
-    fn revive_probe(&self, index: usize, now: Instant) {
+    fn revive_probe(&self, index: usize) {
         let probes = &self.probes;
-        if !probes.enabled || probes.stopped() || probes.owns_trials(index, now) {
+        if !probes.enabled || probes.stopped() || probes.owns_trials(index) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
