@@ -99,14 +99,10 @@ impl<DB: Backend> Statement<DB> {
         self
     }
 
-    fn parts(&self) -> (SqlStr, Bound<DB>) {
-        (self.sql.clone(), Bound(self.arguments.clone()))
-    }
-
     /// The statement as sqlx's plain query again.
     fn query(&self) -> Query<'static, DB, Bound<DB>> {
-        let (sql, arguments) = self.parts();
-        sqlx::query_with(sql, arguments).persistent(self.persistent)
+        let arguments = Bound(self.arguments.clone());
+        sqlx::query_with(self.sql.clone(), arguments).persistent(self.persistent)
     }
 
     /// Runs the statement on `connection` for at most one row, which `finish` turns into a
