@@ -87,14 +87,19 @@ pub fn machine_summary() -> String {
 
 /// Peak resident set size of this process (`VmHWM`), in KiB.
 pub fn peak_rss_kib() -> Result<u64, BoxError> {
+    status_kib("VmHWM")
+}
+
+/// A `kB` field of this process's `/proc/self/status`, in KiB: `VmHWM` (peak RSS), `RssAnon`
+/// (resident memory the process wrote: heap, stacks), `RssFile` (resident pages mapped from
+/// files: the binary's code and read-only data, shared libraries).
+pub fn status_kib(field: &str) -> Result<u64, BoxError> {
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(|error| format!("reading /proc/self/status: {error}"))?;
-    let line = status
+    let kib = status
         .lines()
-        .find(|line| line.starts_with("VmHWM:"))
-        .ok_or("/proc/self/status has no VmHWM line")?;
-    let kib = line
-        .trim_start_matches("VmHWM:")
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .ok_or_else(|| format!("/proc/self/status has no {field} line"))?
         .trim()
         .trim_end_matches("kB")
         .trim()

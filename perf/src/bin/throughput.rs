@@ -6,7 +6,10 @@
 //! pooled connections (1/1, 16/1, 16/8, 256/16) and three workloads (`SELECT 1`, a primary-key
 //! lookup of a random id, and the same lookup with protected-pool's cache on). Each contender
 //! runs in a child process of its own (this binary again, `child ...`) so that its peak RSS is
-//! its own; contenders take turns within each round (A B C D A B C D ...).
+//! its own; contenders take turns within each round (A B C D A B C D ...). Beside the peak, each
+//! child reports what was resident when its measured span ended, split into the memory it wrote
+//! (heap, task futures, stacks) and the pages mapped from its binary and libraries (code), so a
+//! difference in peak RSS shows where it lies.
 //!
 //! `cargo run --release --manifest-path perf/Cargo.toml --bin throughput -- --help`
 
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use protected_pool::{EndpointOptions, ProtectedPool};
 use protected_pool_perf::{
     BareManager, BoxError, Flags, TABLE_ROWS, TABLE_SQL, Usage, children_peak_rss_kib, cpu_time,
-    machine_summary, median, peak_rss_kib, thousands, wait_quiet_as_documented,
+    machine_summary, median, peak_rss_kib, status_kib, thousands, wait_quiet_as_documented,
 };
 use protected_pool_testkit::PgServer;
 
@@ -251,6 +254,10 @@ struct Run {
     /// CPU time (user + system) the client used in the measured span.
     cpu_seconds: f64,
     rss_kib: u64,
+    /// What was resident at the end of the measured span, by kind (0 where not measured): the
+    /// memory the process wrote (heap, stacks), and the pages mapped from files (code).
+    anon_kib: u64,
+    file_kib: u64,
 }
 
 impl Run {
@@ -265,8 +272,13 @@ impl Run {
 
     fn to_line(self) -> String {
         format!(
-            "RESULT queries={} seconds={} cpu_seconds={} rss_kib={}",
-            self.queries, self.seconds, self.cpu_seconds, self.rss_kib
+            "RESULT queries={} seconds={} cpu_seconds={} rss_kib={} anon_kib={} file_kib={}",
+            self.queries,
+            self.seconds,
+            self.cpu_seconds,
+            self.rss_kib,
+            self.anon_kib,
+            self.file_kib
         )
     }
 
@@ -285,6 +297,8 @@ impl Run {
             seconds: field("seconds")?.parse()?,
             cpu_seconds: field("cpu_seconds")?.parse()?,
             rss_kib: field("rss_kib")?.parse()?,
+            anon_kib: field("anon_kib")?.parse()?,
+            file_kib: field("file_kib")?.parse()?,
         })
     }
 }
@@ -526,6 +540,8 @@ struct Summary {
     max: f64,
     cpu_us: f64,
     rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
 }
 
 impl Summary {
@@ -538,6 +554,8 @@ impl Summary {
             max: rates.iter().copied().fold(0.0, f64::max),
             cpu_us: median(&cpu)?,
             rss_kib: runs.iter().map(|run| run.rss_kib).max()?,
+            anon_kib: runs.iter().map(|run| run.anon_kib).max()?,
+            file_kib: runs.iter().map(|run| run.file_kib).max()?,
         })
     }
 
@@ -641,6 +659,17 @@ fn summarize(plan: &Plan, tables: &[Table]) {
                 ours.rss_kib as f64 / 1024.0,
                 bare.rss_kib as f64 / 1024.0
             ),
+        ));
+        checks.push(format!(
+            "INFO  {at}: resident at the end of the run, over the bare engine: {:+.2} MiB the \
+             process wrote (heap, stacks: {:.1} vs {:.1} MiB), {:+.2} MiB mapped from files \
+             (code: {:.1} vs {:.1} MiB)",
+            (ours.anon_kib as f64 - bare.anon_kib as f64) / 1024.0,
+            ours.anon_kib as f64 / 1024.0,
+            bare.anon_kib as f64 / 1024.0,
+            (ours.file_kib as f64 - bare.file_kib as f64) / 1024.0,
+            ours.file_kib as f64 / 1024.0,
+            bare.file_kib as f64 / 1024.0
         ));
         if let Some(sqlx) = sqlx {
             checks.push(format!(
@@ -937,6 +966,9 @@ where
         }
         Ok::<(), BoxError>(())
     };
+    // What is resident by kind, read while the pool and its connections are alive.
+    let resident =
+        || -> Result<(u64, u64), BoxError> { Ok((status_kib("RssAnon")?, status_kib("RssFile")?)) };
     let measured = match budget {
         Budget::Seconds(seconds) => {
             tokio::time::sleep(seconds).await;
@@ -945,6 +977,7 @@ where
                 done.load(Ordering::Relaxed),
                 started.elapsed(),
                 cpu_time(Usage::SelfProcess)? - cpu_before,
+                resident()?,
             );
             stop.store(true, Ordering::Relaxed);
             join(tasks).await?;
@@ -956,15 +989,18 @@ where
                 done.load(Ordering::Relaxed),
                 started.elapsed(),
                 cpu_time(Usage::SelfProcess)? - cpu_before,
+                resident()?,
             )
         }
     };
-    let (queries, elapsed, cpu) = measured;
+    let (queries, elapsed, cpu, (anon_kib, file_kib)) = measured;
     Ok(Run {
         queries,
         seconds: elapsed.as_secs_f64(),
         cpu_seconds: cpu.as_secs_f64(),
         rss_kib: 0,
+        anon_kib,
+        file_kib,
     })
 }
 
@@ -1031,5 +1067,7 @@ fn run_pgbench(
         seconds: queries / tps,
         cpu_seconds: cpu.as_secs_f64(),
         rss_kib: children_peak_rss_kib()?,
+        anon_kib: 0,
+        file_kib: 0,
     })
 }
