@@ -31,3 +31,19 @@ unsafe impl GlobalAlloc for Counting {
 pub fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
 }
+
+/// Calls timed by [`per_call`]: as many again run first, unmeasured.
+pub const CALLS: u64 = 2_000;
+
+/// Allocations on this thread per run of `call`, over [`CALLS`] runs after as many unmeasured
+/// ones.
+pub async fn per_call<F: AsyncFnMut()>(mut call: F) -> f64 {
+    for _ in 0..CALLS {
+        call().await;
+    }
+    let before = allocations();
+    for _ in 0..CALLS {
+        call().await;
+    }
+    (allocations() - before) as f64 / CALLS as f64
+}
