@@ -80,8 +80,10 @@ pub(crate) struct Endpoint<DB: Backend> {
     min_connections: usize,
     idle_timeout: Option<Duration>,
     /// Held while topping up, so that `connect`'s warm-up and the health loop do not both
-    /// open the missing connections.
-    topping_up: tokio::sync::Mutex<()>,
+    /// open the missing connections, and while the health loop checks idle connections, so
+    /// that a top-up does not take the idle connection it was about to check (its checkout
+    /// would then open one more than `min_connections`).
+    opening: tokio::sync::Mutex<()>,
     breakers: [CircuitBreaker; 3],
     metrics: [RouteMetrics; 3],
     /// Calls using this endpoint right now, for least-outstanding replica choice.
@@ -144,7 +146,7 @@ impl<DB: Backend> Endpoint<DB> {
             pool,
             min_connections: options.min_connections,
             idle_timeout: options.idle_timeout,
-            topping_up: tokio::sync::Mutex::new(()),
+            opening: tokio::sync::Mutex::new(()),
             breakers,
             metrics,
             outstanding: AtomicUsize::new(0),
@@ -274,6 +276,12 @@ impl<DB: Backend> Endpoint<DB> {
         got.map(|connection| Checkout::new(connection, false))
     }
 
+    /// Keeps the health loop from opening or checking connections until the guard is dropped
+    /// (see [`ProtectedPool::connect`](crate::ProtectedPool::connect)).
+    pub(crate) async fn hold_opening(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.opening.lock().await
+    }
+
     /// Opens connections until `min_connections` are open, each within `limit`; returns
     /// how many were opened. Connections idle in the pool are taken first, so only the
     /// missing ones are opened; all are given back at once.
@@ -281,7 +289,7 @@ impl<DB: Backend> Endpoint<DB> {
         if self.min_connections == 0 {
             return Ok(0);
         }
-        let _only_one = self.topping_up.lock().await;
+        let _only_one = self.opening.lock().await;
         let before = self.pool.status().size;
         if before >= self.min_connections {
             return Ok(0);
@@ -375,6 +383,9 @@ impl<DB: Backend> Endpoint<DB> {
     /// connection, closing dead ones. Returns how many were closed, and whether that settled
     /// the question (an answer, a hang, or an error from a live connection).
     async fn check_idle_connections(&self, limit: Duration) -> (usize, bool) {
+        // deadpool counts a connection once it is made: a top-up that took the idle connection
+        // seen here would leave this checkout making another, both counted only when done.
+        let _no_top_up = self.opening.lock().await;
         let mut closed = 0;
         while self.pool.status().available > 0 {
             let checkout = tokio::time::timeout(limit, self.checkout_quietly()).await;

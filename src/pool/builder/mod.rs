@@ -656,8 +656,17 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// cannot is left to the health loop, which tries again.
     pub async fn connect(self) -> Result<ProtectedPool<DB>> {
         let pool = self.build()?;
-        pool.with_connection(Route::Write, async |connection| connection.ping().await)
-            .await?;
+        {
+            // The health loop starts with the pool, and it opens connections too. deadpool
+            // counts a connection only once it is made, so two openers at once can each make
+            // the one that was missing: the loop waits while the check opens the first.
+            let mut opening = Vec::with_capacity(pool.inner.endpoints.len());
+            for endpoint in pool.inner.endpoints.iter() {
+                opening.push(endpoint.hold_opening().await);
+            }
+            pool.with_connection(Route::Write, async |connection| connection.ping().await)
+                .await?;
+        }
         pool.inner.warm_up().await;
         #[cfg(feature = "outbox")]
         if let Some(outbox) = &pool.inner.outbox {
