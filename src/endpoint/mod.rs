@@ -383,9 +383,14 @@ impl<DB: Backend> Endpoint<DB> {
     /// connection, closing dead ones. Returns how many were closed, and whether that settled
     /// the question (an answer, a hang, or an error from a live connection).
     async fn check_idle_connections(&self, limit: Duration) -> (usize, bool) {
-        // deadpool counts a connection once it is made: a top-up that took the idle connection
-        // seen here would leave this checkout making another, both counted only when done.
-        let _no_top_up = self.opening.lock().await;
+        // Not while a top-up or `connect`'s first check opens connections: what is idle was
+        // just made, and a top-up could take the idle connection seen here and leave this
+        // checkout making another (deadpool counts one only once it is made). Waiting
+        // instead would line this check up with the end of `connect`, when the caller's
+        // first calls come: one finding the only connection out here would open another.
+        let Ok(_no_top_up) = self.opening.try_lock() else {
+            return (0, false);
+        };
         let mut closed = 0;
         while self.pool.status().available > 0 {
             let checkout = tokio::time::timeout(limit, self.checkout_quietly()).await;
