@@ -79,10 +79,10 @@ pub(crate) struct Endpoint<DB: Backend> {
     /// Connections kept open, and how long an idle one may stay beyond them.
     min_connections: usize,
     idle_timeout: Option<Duration>,
-    /// Held while topping up, so that `connect`'s warm-up and the health loop do not both
-    /// open the missing connections, and while the health loop checks idle connections, so
-    /// that a top-up does not take the idle connection it was about to check (its checkout
-    /// would then open one more than `min_connections`).
+    /// Held by whatever opens or checks connections outside a caller's call, so that two of
+    /// them never make the same missing connection (deadpool counts one only once it is
+    /// made): a top-up (`connect`'s warm-up or the health loop's), `connect`'s first check,
+    /// and the health loop's look at idle connections, which skips a round rather than wait.
     opening: tokio::sync::Mutex<()>,
     breakers: [CircuitBreaker; 3],
     metrics: [RouteMetrics; 3],
