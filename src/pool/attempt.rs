@@ -20,6 +20,7 @@ use crate::breaker::{Outcome, Permit};
 use crate::classify::ErrorClass;
 use crate::endpoint::{Checkout, Endpoint, Stopped};
 use crate::error::{Error, Result};
+use crate::fallback::{Served, Source};
 use crate::role::Role;
 use crate::route::Route;
 use crate::timer::Timer;
@@ -28,6 +29,18 @@ use crate::timer::Timer;
 pub(crate) struct Done<T> {
     pub(crate) value: T,
     pub(crate) endpoint: Arc<str>,
+}
+
+impl<T> Done<T> {
+    /// The value, as served by its endpoint.
+    pub(crate) fn served(self) -> Served<T> {
+        Served::new(
+            self.value,
+            Source::Database {
+                endpoint: self.endpoint,
+            },
+        )
+    }
 }
 
 /// Why an attempt failed, and what that allows next.

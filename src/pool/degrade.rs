@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::Either;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -112,7 +113,29 @@ impl<'a, T> Plan<'a, T> {
 
 impl<DB: Backend> PoolInner<DB> {
     /// Runs `call` and, if no endpoint could serve it, what `plan` falls back on.
-    pub(crate) async fn degrade<T: 'static>(
+    ///
+    /// A call with no cache, nothing to fall back on and no span to record is the endpoints'
+    /// answer as it is: it gets no layer of its own, which every poll would go through and
+    /// every result be moved through.
+    pub(crate) fn degrade<T: 'static>(
+        &self,
+        plan: Plan<'_, T>,
+        call: impl Future<Output = Result<Done<T>>>,
+    ) -> impl Future<Output = Result<Served<T>>> {
+        if self.may_fall_back(&plan) || tracing::dispatcher::has_been_set() {
+            Either::Right(self.degrade_with(plan, call))
+        } else {
+            Either::Left(call.map(|done| done.map(Done::served)))
+        }
+    }
+
+    /// Whether a call of `plan` has anything to fall back on when no endpoint can serve it.
+    fn may_fall_back<T>(&self, plan: &Plan<'_, T>) -> bool {
+        plan.cache.is_some() || plan.fallback.is_some() || self.fallbacks.any(plan.route)
+    }
+
+    /// [`degrade`](Self::degrade) with its span, its cache and its fallbacks.
+    async fn degrade_with<T: 'static>(
         &self,
         plan: Plan<'_, T>,
         call: impl Future<Output = Result<Done<T>>>,
@@ -149,16 +172,11 @@ impl<DB: Backend> PoolInner<DB> {
                     {
                         Box::pin(self.store(request, payload, stamp)).await;
                     }
-                    Ok(Served::new(value, Source::Database { endpoint }))
+                    Ok(Done { value, endpoint }.served())
                 }
                 // Nothing to fall back on (a call refused by its breaker, typically): the
                 // error as it is, with no box.
-                Err(error)
-                    if error.is_unavailable()
-                        && (plan.cache.is_some()
-                            || plan.fallback.is_some()
-                            || self.fallbacks.any(plan.route)) =>
-                {
+                Err(error) if error.is_unavailable() && self.may_fall_back(&plan) => {
                     Box::pin(self.fall_back(plan, error, started)).await
                 }
                 Err(error) => Err(error),
