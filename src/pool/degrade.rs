@@ -163,16 +163,16 @@ impl<DB: Backend> PoolInner<DB> {
                 || self.fallbacks.any_async(plan.route))
             .then(tokio::time::Instant::now);
             match call.await {
-                Ok(Done { value, endpoint }) => {
+                Ok(done) => {
                     // Worked out first: the value itself is not borrowed across the cache's
                     // await. Storing is boxed, as falling back is: each would otherwise sit
                     // in every call's future, which is moved several times per call.
                     if let Some(request) = &plan.cache
-                        && let Some((payload, stamp)) = self.to_store(request, &value)
+                        && let Some((payload, stamp)) = self.to_store(request, &done.value)
                     {
                         Box::pin(self.store(request, payload, stamp)).await;
                     }
-                    Ok(Done { value, endpoint }.served())
+                    Ok(done.served())
                 }
                 // Nothing to fall back on (a call refused by its breaker, typically): the
                 // error as it is, with no box.
